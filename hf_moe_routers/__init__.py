@@ -1,3 +1,69 @@
-"""hf-moe-routers: better routers for Hugging Face Mixture-of-Experts models."""
+"""hf-moe-routers: better routers for Hugging Face Mixture-of-Experts models.
+
+>>> from transformers import AutoModelForCausalLM
+>>> from hf_moe_routers import L2RConfig, patch_moe_routers
+>>> model = patch_moe_routers(AutoModelForCausalLM.from_pretrained(path), L2RConfig(rank=16))
+
+Importing the package registers the routed model types (``routed_mixtral``, ``routed_qwen2_moe``,
+``routed_qwen3_moe``, ``routed_olmoe``, ``routed_switch_transformers``) with the Auto classes.
+"""
+
+from .modeling import (
+    RoutedMixtralConfig,
+    RoutedMixtralForCausalLM,
+    RoutedMixtralModel,
+    RoutedOlmoeConfig,
+    RoutedOlmoeForCausalLM,
+    RoutedOlmoeModel,
+    RoutedQwen2MoeConfig,
+    RoutedQwen2MoeForCausalLM,
+    RoutedQwen2MoeModel,
+    RoutedQwen3MoeConfig,
+    RoutedQwen3MoeForCausalLM,
+    RoutedQwen3MoeModel,
+    RoutedSwitchTransformersConfig,
+    RoutedSwitchTransformersEncoderModel,
+    RoutedSwitchTransformersForConditionalGeneration,
+    RoutedSwitchTransformersModel,
+    supported_families,
+)
+from .patching import PatchReport, distill_router, drop_reference_gates, patch_moe_routers, routing_agreement
+from .routers import (
+    CosineRouterConfig,
+    L2RConfig,
+    LinearRouterConfig,
+    RouterConfig,
+    SRMoEConfig,
+)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CosineRouterConfig",
+    "L2RConfig",
+    "LinearRouterConfig",
+    "PatchReport",
+    "RoutedMixtralConfig",
+    "RoutedMixtralForCausalLM",
+    "RoutedMixtralModel",
+    "RoutedOlmoeConfig",
+    "RoutedOlmoeForCausalLM",
+    "RoutedOlmoeModel",
+    "RoutedQwen2MoeConfig",
+    "RoutedQwen2MoeForCausalLM",
+    "RoutedQwen2MoeModel",
+    "RoutedQwen3MoeConfig",
+    "RoutedQwen3MoeForCausalLM",
+    "RoutedQwen3MoeModel",
+    "RoutedSwitchTransformersConfig",
+    "RoutedSwitchTransformersEncoderModel",
+    "RoutedSwitchTransformersForConditionalGeneration",
+    "RoutedSwitchTransformersModel",
+    "RouterConfig",
+    "SRMoEConfig",
+    "distill_router",
+    "drop_reference_gates",
+    "patch_moe_routers",
+    "routing_agreement",
+    "supported_families",
+]

@@ -1,0 +1,130 @@
+"""Routed model classes for every supported host family, registered with the Auto classes.
+
+Importing ``hf_moe_routers`` registers ``routed_<family>`` configs with ``AutoConfig``, the model
+classes with ``AutoModel`` / ``AutoModelForCausalLM`` / ``AutoModelForSeq2SeqLM``, and the host
+family's checkpoint conversion rules under our class names (classes defined outside transformers
+get no built-in rules; TRANSFORMERS_V5 pitfall 14). Registration is idempotent.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers.conversion_mapping import (
+    get_checkpoint_conversion_mapping,
+    register_checkpoint_conversion_mapping,
+)
+
+from .base import (
+    FAMILIES,
+    FamilyAdapter,
+    RoutedConfigMixin,
+    RoutedPreTrainedMixin,
+    RoutedRouterMixin,
+    family_for_model,
+    supported_families,
+)
+from .mixtral import (
+    RoutedMixtralConfig,
+    RoutedMixtralForCausalLM,
+    RoutedMixtralModel,
+    RoutedMixtralPreTrainedModel,
+    RoutedMixtralTopKRouter,
+)
+from .olmoe import (
+    RoutedOlmoeConfig,
+    RoutedOlmoeForCausalLM,
+    RoutedOlmoeModel,
+    RoutedOlmoePreTrainedModel,
+    RoutedOlmoeTopKRouter,
+)
+from .qwen2_moe import (
+    RoutedQwen2MoeConfig,
+    RoutedQwen2MoeForCausalLM,
+    RoutedQwen2MoeModel,
+    RoutedQwen2MoePreTrainedModel,
+    RoutedQwen2MoeTopKRouter,
+)
+from .qwen3_moe import (
+    RoutedQwen3MoeConfig,
+    RoutedQwen3MoeForCausalLM,
+    RoutedQwen3MoeModel,
+    RoutedQwen3MoePreTrainedModel,
+    RoutedQwen3MoeTopKRouter,
+)
+from .switch_transformers import (
+    RoutedSwitchTransformersConfig,
+    RoutedSwitchTransformersEncoderModel,
+    RoutedSwitchTransformersForConditionalGeneration,
+    RoutedSwitchTransformersModel,
+    RoutedSwitchTransformersPreTrainedModel,
+    RoutedSwitchTransformersStack,
+    RoutedSwitchTransformersTop1Router,
+)
+
+_CAUSAL_LM = (
+    (RoutedMixtralConfig, RoutedMixtralModel, RoutedMixtralForCausalLM),
+    (RoutedQwen2MoeConfig, RoutedQwen2MoeModel, RoutedQwen2MoeForCausalLM),
+    (RoutedQwen3MoeConfig, RoutedQwen3MoeModel, RoutedQwen3MoeForCausalLM),
+    (RoutedOlmoeConfig, RoutedOlmoeModel, RoutedOlmoeForCausalLM),
+)
+
+
+def register_auto_classes() -> None:
+    """Register every routed config and model with the transformers Auto classes (idempotent)."""
+    for config_cls, base_cls, lm_cls in _CAUSAL_LM:
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        AutoModel.register(config_cls, base_cls, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, lm_cls, exist_ok=True)
+    switch = RoutedSwitchTransformersConfig
+    AutoConfig.register(switch.model_type, switch, exist_ok=True)
+    AutoModel.register(switch, RoutedSwitchTransformersModel, exist_ok=True)
+    AutoModelForSeq2SeqLM.register(switch, RoutedSwitchTransformersForConditionalGeneration, exist_ok=True)
+
+    for adapter in {id(a): a for a in FAMILIES.values()}.values():
+        mapping = get_checkpoint_conversion_mapping(adapter.host_model_type)
+        if not mapping:
+            continue
+        names = [adapter.routed_model_type] + [cls.__name__ for cls in adapter.model_classes.values()]
+        for name in names:
+            register_checkpoint_conversion_mapping(name, mapping, overwrite=True)
+
+
+register_auto_classes()
+
+__all__ = [
+    "FAMILIES",
+    "FamilyAdapter",
+    "RoutedConfigMixin",
+    "RoutedMixtralConfig",
+    "RoutedMixtralForCausalLM",
+    "RoutedMixtralModel",
+    "RoutedMixtralPreTrainedModel",
+    "RoutedMixtralTopKRouter",
+    "RoutedOlmoeConfig",
+    "RoutedOlmoeForCausalLM",
+    "RoutedOlmoeModel",
+    "RoutedOlmoePreTrainedModel",
+    "RoutedOlmoeTopKRouter",
+    "RoutedPreTrainedMixin",
+    "RoutedQwen2MoeConfig",
+    "RoutedQwen2MoeForCausalLM",
+    "RoutedQwen2MoeModel",
+    "RoutedQwen2MoePreTrainedModel",
+    "RoutedQwen2MoeTopKRouter",
+    "RoutedQwen3MoeConfig",
+    "RoutedQwen3MoeForCausalLM",
+    "RoutedQwen3MoeModel",
+    "RoutedQwen3MoePreTrainedModel",
+    "RoutedQwen3MoeTopKRouter",
+    "RoutedRouterMixin",
+    "RoutedSwitchTransformersConfig",
+    "RoutedSwitchTransformersEncoderModel",
+    "RoutedSwitchTransformersForConditionalGeneration",
+    "RoutedSwitchTransformersModel",
+    "RoutedSwitchTransformersPreTrainedModel",
+    "RoutedSwitchTransformersStack",
+    "RoutedSwitchTransformersTop1Router",
+    "family_for_model",
+    "register_auto_classes",
+    "supported_families",
+]

@@ -1,0 +1,300 @@
+"""What every host family shares: the routed-router mixin, the family adapter, the routed config
+and pre-trained-model mixins, and the in-place conversion of a host model into a routed one.
+
+Design rule (TRANSFORMERS_V5.md §1, §3): replace routers only, keep their class identity
+(``isinstance`` of the host router class, so transformers records their logits and initialises
+them), their forward signature, return tuple and dtypes; never touch experts. A router is turned
+into ours by giving the *same object* a subclass of its own class and attaching a scorer module,
+so parameters, hooks, device and every other model in the process are left alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..routers import RouterConfig, RouterScorer, build_scorer
+
+__all__ = [
+    "FamilyAdapter",
+    "RoutedConfigMixin",
+    "RoutedPreTrainedMixin",
+    "RoutedRouterMixin",
+    "SoftmaxTopKRoutedRouter",
+    "convert_to_routed",
+    "register_family",
+    "family_for_model",
+    "FAMILIES",
+]
+
+DEFAULT_ROUTER = {"router_type": "linear"}
+
+
+# --------------------------------------------------------------------------------------------
+# Routers
+# --------------------------------------------------------------------------------------------
+
+
+class RoutedRouterMixin:
+    """Placed in front of a host router class in the MRO. Owns ``scorer`` (a ``RouterScorer``).
+
+    The host class's gate parameters (``weight`` or ``classifier``) are removed when the scorer is
+    attached: the scorer owns every routing parameter.
+    """
+
+    host_gate_attributes: ClassVar[tuple[str, ...]] = ("weight",)
+    scorer: RouterScorer
+
+    def attach_scorer(
+        self, router_config: RouterConfig, hidden_size: int, num_experts: int, *, bias: bool = False
+    ) -> None:
+        device = dtype = None
+        for name in self.host_gate_attributes:
+            value = getattr(self, name, None)
+            if value is not None:
+                tensor = value if isinstance(value, torch.Tensor) else next(value.parameters())
+                device, dtype = tensor.device, tensor.dtype
+            if name in self._parameters:  # type: ignore[attr-defined]
+                del self._parameters[name]  # type: ignore[attr-defined]
+            elif name in self._modules:  # type: ignore[attr-defined]
+                del self._modules[name]  # type: ignore[attr-defined]
+        scorer = build_scorer(router_config, hidden_size, num_experts, bias=bias)
+        if device is not None:
+            scorer = scorer.to(device=device, dtype=dtype if dtype.is_floating_point else None)
+        self.scorer = scorer
+
+    @property
+    def router_config(self) -> RouterConfig:
+        return self.scorer.config
+
+    def router_logits(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """Scorer logits ``[T, E]`` for router inputs ``x_TH``; refuses NaN/Inf inputs."""
+        if self.scorer.config.check_finite and not torch.compiler.is_compiling():
+            if not bool(torch.isfinite(x_TH).all()):
+                raise ValueError(
+                    f"{type(self).__name__} received hidden states with NaN or Inf values "
+                    f"(shape {tuple(x_TH.shape)}, dtype {x_TH.dtype}). Set check_finite=False in the "
+                    "router config to skip this check."
+                )
+        return self.scorer(x_TH)
+
+    def regularization_terms(self) -> dict[str, torch.Tensor]:
+        return self.scorer.regularization_terms()
+
+    def regularization_loss(self) -> torch.Tensor:
+        return self.scorer.regularization_loss()
+
+    def lipschitz_bound(self) -> torch.Tensor:
+        return self.scorer.lipschitz_bound()
+
+
+class SoftmaxTopKRoutedRouter(RoutedRouterMixin):
+    """Forward of the softmax-then-top-k families (Mixtral, Qwen2/3-MoE, OLMoE).
+
+    Mixtral always renormalises the top-k weights and returns them in float32; the Qwen family
+    and OLMoE renormalise only when ``norm_topk_prob`` and cast them to the logits' dtype.
+    """
+
+    always_renormalize: ClassVar[bool] = False
+    cast_weights_to_logits_dtype: ClassVar[bool] = True
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x_TH = hidden_states.reshape(-1, self.hidden_dim)  # type: ignore[attr-defined]
+        logits_TE = self.router_logits(x_TH)
+        probs_TE = torch.nn.functional.softmax(logits_TE, dim=-1, dtype=torch.float)
+        weights_TK, indices_TK = torch.topk(probs_TE, self.top_k, dim=-1)  # type: ignore[attr-defined]
+        if self.always_renormalize or getattr(self, "norm_topk_prob", False):
+            weights_TK /= weights_TK.sum(dim=-1, keepdim=True)
+        if self.cast_weights_to_logits_dtype:
+            weights_TK = weights_TK.to(logits_TE.dtype)
+        return logits_TE, weights_TK, indices_TK
+
+
+# --------------------------------------------------------------------------------------------
+# Family adapters
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyAdapter:
+    """Everything the patcher and the model classes need to know about one host family."""
+
+    name: str
+    host_model_type: str
+    routed_model_type: str
+    host_router_class: type[nn.Module]
+    routed_router_class: type[nn.Module]
+    routed_config_class: type
+    model_classes: dict[type, type]
+    hidden_size: Callable[[Any], int]
+    num_experts: Callable[[Any], int]
+    top_k: Callable[[Any], int]
+    dense_gate: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor | None]]
+    has_bias: Callable[[Any], bool] = lambda config: False
+
+    def validate_host_config(self, config: Any) -> None:
+        num_experts, top_k = self.num_experts(config), self.top_k(config)
+        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ValueError(
+                f"{type(config).__name__}: the number of experts per token (top_k) must be between 1 and "
+                f"the number of experts {num_experts}; got {top_k!r}."
+            )
+
+
+FAMILIES: dict[str, FamilyAdapter] = {}
+
+
+def register_family(adapter: FamilyAdapter) -> FamilyAdapter:
+    FAMILIES[adapter.host_model_type] = adapter
+    FAMILIES[adapter.routed_model_type] = adapter
+    return adapter
+
+
+def supported_families() -> list[str]:
+    return sorted({adapter.host_model_type for adapter in FAMILIES.values()})
+
+
+def family_for_model(model: nn.Module) -> FamilyAdapter:
+    """The adapter for a transformers model; a clear error for anything we do not support."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"hf_moe_routers does not support model_type={model_type!r} ({type(model).__name__}); "
+            f"supported families: {', '.join(supported_families())}."
+        )
+    return FAMILIES[model_type]
+
+
+# --------------------------------------------------------------------------------------------
+# Configs and pre-trained models
+# --------------------------------------------------------------------------------------------
+
+
+class RoutedConfigMixin:
+    """Methods shared by every routed config; the subclass declares ``moe_router: dict | None``.
+
+    ``moe_router`` is the router config as a plain dict (JSON in ``config.json``); None means the
+    family's own linear router.
+    """
+
+    moe_router: dict | None
+
+    def _validate_moe_router(self) -> None:
+        if isinstance(self.moe_router, RouterConfig):
+            self.moe_router = self.moe_router.to_dict()
+        RouterConfig.from_dict(self.moe_router if self.moe_router is not None else DEFAULT_ROUTER)
+        adapter = FAMILIES.get(getattr(self, "model_type", ""))
+        if adapter is not None:
+            adapter.validate_host_config(self)
+
+    @property
+    def router_config(self) -> RouterConfig:
+        """The parsed router config (``LinearRouterConfig`` when ``moe_router`` is None)."""
+        return RouterConfig.from_dict(self.moe_router if self.moe_router is not None else DEFAULT_ROUTER)
+
+
+class RoutedPreTrainedMixin:
+    """Placed in front of the host ``*PreTrainedModel``; inherited by base *and* head models so
+    every sub-``PreTrainedModel`` initialises our routers (pitfall 4)."""
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, RouterScorer):
+            module.reset_parameters(std=self._router_init_std())
+            return
+        if isinstance(module, RoutedRouterMixin):
+            return  # its parameters live in its scorer; the host branch would look for `weight`
+        super()._init_weights(module)  # type: ignore[misc]
+
+    def _router_init_std(self) -> float:
+        """Standard deviation for from-scratch router parameters: the family's own."""
+        std = getattr(self.config, "initializer_range", None)  # type: ignore[attr-defined]
+        return 0.02 if std is None else float(std)
+
+    #: Whether the host family's experts use transformers' experts interface (Switch: no).
+    _host_uses_experts_interface: ClassVar[bool] = True
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # transformers greps the model's source file for its decorator (pitfall 5); our classes
+        # inherit the host's experts modules unchanged, so every implementation applies.
+        if cls._host_uses_experts_interface:
+            return True
+        return super()._can_set_experts_implementation()  # type: ignore[misc]
+
+    def routed_routers(self) -> list[tuple[str, nn.Module]]:
+        """``(name, router)`` for every routed router of the model, in module order."""
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, RoutedRouterMixin)]  # type: ignore[attr-defined]
+
+    def router_regularization_loss(self) -> torch.Tensor:
+        """Sum over layers of every router's weighted parameter-only penalty (float32 scalar)."""
+        losses = [router.regularization_loss() for _, router in self.routed_routers()]
+        if not losses:
+            return torch.zeros(())
+        return torch.stack([loss.float() for loss in losses]).sum()
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion
+# --------------------------------------------------------------------------------------------
+
+
+def _register_recordable_outputs(module: nn.Module) -> None:
+    """transformers keys what a model records (``_can_record_outputs``) by the *class name* seen in
+    ``PreTrainedModel.__init__``; a model whose class we swap afterwards must be registered again,
+    or ``output_router_logits=True`` silently returns None."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # pragma: no cover - older/newer layouts keep reading the class attribute
+        return
+    _CAN_RECORD_REGISTRY[module] = getattr(type(module), "_can_record_outputs", None)
+
+
+def convert_to_routed(
+    model: nn.Module,
+    adapter: FamilyAdapter,
+    router_config: RouterConfig,
+    *,
+    from_dense: bool,
+    keep_reference: bool = False,
+) -> list[tuple[str, nn.Module]]:
+    """Turn every host router of ``model`` into a routed router of ``adapter``, in place.
+
+    Sub-models whose class appears in ``adapter.model_classes`` get the routed class too. With
+    ``from_dense`` the scorer is initialised from the router's pretrained gate; with
+    ``keep_reference`` that gate is kept as non-persistent buffers (``reference_weight``,
+    ``reference_bias``) for agreement reports and ``distill_router``.
+
+    Returns:
+        ``(name, router)`` for each converted router.
+    """
+    for module in model.modules():
+        routed_cls = adapter.model_classes.get(type(module))
+        if routed_cls is not None:
+            module.__class__ = routed_cls
+            _register_recordable_outputs(module)
+    config = model.config  # type: ignore[attr-defined]
+    hidden, experts, bias = adapter.hidden_size(config), adapter.num_experts(config), adapter.has_bias(config)
+    converted = []
+    for name, module in model.named_modules():
+        if type(module) is not adapter.host_router_class:
+            continue
+        weight = bias_t = None
+        if from_dense:
+            weight, bias_t = adapter.dense_gate(module)
+            weight = weight.detach().clone()
+            bias_t = None if bias_t is None else bias_t.detach().clone()
+        module.__class__ = adapter.routed_router_class
+        module.attach_scorer(router_config, hidden, experts, bias=bias)  # type: ignore[attr-defined]
+        if weight is not None:
+            module.scorer.init_from_dense(weight, bias_t)  # type: ignore[attr-defined]
+            if keep_reference:
+                module.register_buffer("reference_weight", weight, persistent=False)
+                module.register_buffer("reference_bias", bias_t, persistent=False)
+        converted.append((name, module))
+    return converted

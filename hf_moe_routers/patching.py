@@ -1,0 +1,370 @@
+"""Swap the routers of a loaded transformers MoE model: ``patch_moe_routers(model, L2RConfig(rank=16))``.
+
+Like ``peft.get_peft_model``, patching works on the model object you already have: every router of
+the host family becomes a routed router (same object, subclass of its own class) whose scorer is
+initialised from the pretrained gate; the model and config objects get the family's routed
+classes, so ``save_pretrained`` writes a ``routed_<family>`` checkpoint that
+``AutoModelForCausalLM.from_pretrained`` restores. No other model or class in the process changes.
+
+``distill_router`` then trains only router parameters to match the original routing (KL), which
+raises the top-k agreement that a change of scoring function (L2R, cosine, prototypes) loses.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modeling.base import FAMILIES, RoutedRouterMixin, convert_to_routed, family_for_model
+from .routers import RouterConfig
+
+__all__ = ["PatchReport", "distill_router", "drop_reference_gates", "patch_moe_routers", "routing_agreement"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PatchReport:
+    """Top-k agreement of the new routers with the original ones, per router and on average.
+
+    ``topk_agreement``: mean ``|topk_new ∩ topk_ref| / K`` over tokens; ``top1_agreement``: share of
+    tokens whose first choice is unchanged. ``source`` says which inputs were used.
+    """
+
+    router_type: str
+    family: str
+    source: str
+    layers: dict[str, dict[str, float]]
+
+    @property
+    def mean_topk_agreement(self) -> float:
+        values = [v["topk_agreement"] for v in self.layers.values()]
+        return sum(values) / max(len(values), 1)
+
+    @property
+    def mean_top1_agreement(self) -> float:
+        values = [v["top1_agreement"] for v in self.layers.values()]
+        return sum(values) / max(len(values), 1)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.family} routers -> {self.router_type}: {len(self.layers)} routers, mean top-k agreement "
+            f"{self.mean_topk_agreement:.4f}, mean top-1 agreement {self.mean_top1_agreement:.4f} ({self.source})"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Agreement
+# --------------------------------------------------------------------------------------------
+
+
+def _reference_logits(router: nn.Module, x_TH: torch.Tensor) -> torch.Tensor:
+    weight = router.reference_weight  # type: ignore[attr-defined]
+    bias = getattr(router, "reference_bias", None)
+    return F.linear(x_TH.float(), weight.float(), None if bias is None else bias.float())
+
+
+def _top_k(router: nn.Module) -> int:
+    return int(getattr(router, "top_k", 1))
+
+
+@torch.no_grad()
+def routing_agreement(router: nn.Module, x_TH: torch.Tensor) -> dict[str, float]:
+    """Agreement of a patched router's top-k with its reference gate on router inputs ``x_TH [T, H]``."""
+    if getattr(router, "reference_weight", None) is None:
+        raise ValueError(
+            "This router keeps no reference gate: patch with keep_reference=True to measure agreement."
+        )
+    k = _top_k(router)
+    new_TK = router.scorer(x_TH).float().topk(k, dim=-1).indices  # type: ignore[attr-defined]
+    ref_TK = _reference_logits(router, x_TH).topk(k, dim=-1).indices
+    overlap = (new_TK.unsqueeze(-1) == ref_TK.unsqueeze(-2)).any(-1).float().sum(-1) / k
+    return {
+        "topk_agreement": float(overlap.mean()),
+        "top1_agreement": float((new_TK[:, 0] == ref_TK[:, 0]).float().mean()),
+    }
+
+
+def _capture_router_inputs(
+    model: nn.Module, routers: list[tuple[str, nn.Module]], batch: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
+    """Run ``model(**batch)`` without gradients and return each router's input ``[T, H]``.
+
+    Padding tokens (``attention_mask == 0``) are dropped when the mask matches the router input.
+    """
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, router in routers:
+
+        def hook(module: nn.Module, args: tuple, name: str = name) -> None:
+            captured[name] = args[0].detach()
+
+        handles.append(router.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # An encoder-decoder's attention_mask covers only the encoder tokens: keep every token there.
+    mask = None if getattr(model.config, "is_encoder_decoder", False) else batch.get("attention_mask")
+    out = {}
+    for name, x in captured.items():
+        x_TH = x.reshape(-1, x.shape[-1])
+        if mask is not None and mask.numel() == x_TH.shape[0]:
+            x_TH = x_TH[mask.reshape(-1).to(torch.bool).to(x_TH.device)]
+        out[name] = x_TH
+    return out
+
+
+def _as_batches(batches: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    if isinstance(batches, Mapping):
+        return [batches]
+    return list(batches)
+
+
+# --------------------------------------------------------------------------------------------
+# Patching
+# --------------------------------------------------------------------------------------------
+
+
+def patch_moe_routers(
+    model: nn.Module,
+    router_config: RouterConfig | dict,
+    *,
+    calibration_batches: Mapping[str, Any] | Iterable[Mapping[str, Any]] | None = None,
+    hidden_states: torch.Tensor | None = None,
+    num_random_tokens: int = 512,
+    keep_reference: bool = True,
+    return_report: bool = False,
+    seed: int = 0,
+) -> nn.Module | tuple[nn.Module, PatchReport]:
+    """Replace every router of a loaded transformers MoE model with ``router_config``'s router.
+
+    Args:
+        model: a Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or Switch Transformers model (base model or
+            with a head), loaded or built from a config. Patched in place and returned.
+        router_config: ``LinearRouterConfig``, ``SRMoEConfig``, ``L2RConfig``,
+            ``CosineRouterConfig`` or the dict form of one.
+        calibration_batches: model inputs (a dict such as ``{"input_ids": ..., "attention_mask": ...}``
+            or an iterable of them); the agreement report uses each router's real inputs on them.
+        hidden_states: router inputs ``[T, H]`` used for every router's report instead.
+        num_random_tokens: without either, the report uses this many standard-normal inputs.
+        keep_reference: keep each pretrained gate as non-persistent buffers (``reference_weight``,
+            ``reference_bias``) for reports and ``distill_router``; not saved in checkpoints.
+        return_report: also return the ``PatchReport`` (it is always logged at INFO and stored
+            as ``model.router_patch_report``).
+        seed: seed of the random report inputs and of the scorers' random parts (extra anchors).
+
+    Returns:
+        The patched model, or ``(model, report)`` with ``return_report=True``.
+
+    Raises:
+        ValueError: unsupported family, an already-patched model, a bad router config, a
+            hyper-parameter that does not fit the model (e.g. an L2R rank above the hidden size),
+            or a model that runs hub kernels which bypass routers.
+    """
+    router_config = RouterConfig.from_dict(router_config)
+    adapter = family_for_model(model)
+    config = model.config  # type: ignore[attr-defined]
+    if config.model_type == adapter.routed_model_type or any(
+        isinstance(m, RoutedRouterMixin) for m in model.modules()
+    ):
+        raise ValueError(
+            f"This {adapter.name} model is already patched (router_type="
+            f"{getattr(config, 'router_config', None) and config.router_config.router_type!r}); "
+            "load the original checkpoint to patch it again."
+        )
+    if getattr(model, "_use_kernels", False):
+        raise ValueError(
+            "This model was loaded with use_kernels=True: hub kernels replace the whole MoE block and "
+            "bypass the router. Load it without use_kernels to patch its routers."
+        )
+    adapter.validate_host_config(config)
+    if hidden_states is not None and calibration_batches is not None:
+        raise ValueError("Pass either calibration_batches or hidden_states, not both.")
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        converted = convert_to_routed(model, adapter, router_config, from_dense=True, keep_reference=True)
+    if not converted:
+        raise ValueError(f"No {adapter.host_router_class.__name__} found in this {adapter.name} model.")
+
+    # A routed copy of the config replaces every reference to the old one inside this model (the
+    # experts read `_experts_implementation` from theirs); the caller's config object, which other
+    # models may share, is left as it was.
+    routed_config = copy.deepcopy(config)
+    routed_config.__class__ = adapter.routed_config_class
+    routed_config.moe_router = router_config.to_dict()
+    routed_config._validate_moe_router()
+    _replace_config(model, config, routed_config)
+
+    report = _report(
+        model,
+        converted,
+        router_config,
+        adapter.name,
+        calibration_batches,
+        hidden_states,
+        num_random_tokens,
+        seed,
+    )
+    if not keep_reference:
+        drop_reference_gates(model)
+    model.router_patch_report = report  # type: ignore[attr-defined]
+    logger.info("%s", report)
+    return (model, report) if return_report else model
+
+
+def _replace_config(model: nn.Module, old: Any, new: Any) -> None:
+    for module in model.modules():
+        for name, value in list(vars(module).items()):
+            if value is old:
+                setattr(module, name, new)
+
+
+def drop_reference_gates(model: nn.Module) -> None:
+    """Free the pretrained gates that ``patch_moe_routers(keep_reference=True)`` kept."""
+    for module in model.modules():
+        if isinstance(module, RoutedRouterMixin):
+            for name in ("reference_weight", "reference_bias"):
+                module._buffers.pop(name, None)  # type: ignore[attr-defined]
+
+
+def _report(
+    model: nn.Module,
+    routers: list[tuple[str, nn.Module]],
+    router_config: RouterConfig,
+    family: str,
+    calibration_batches: Any,
+    hidden_states: torch.Tensor | None,
+    num_random_tokens: int,
+    seed: int,
+) -> PatchReport:
+    layers: dict[str, dict[str, float]] = {}
+    if calibration_batches is not None:
+        inputs: dict[str, list[torch.Tensor]] = {name: [] for name, _ in routers}
+        for batch in _as_batches(calibration_batches):
+            for name, x in _capture_router_inputs(model, routers, batch).items():
+                inputs[name].append(x)
+        for name, router in routers:
+            layers[name] = routing_agreement(router, torch.cat(inputs[name]))
+        source = "calibration batches"
+    else:
+        if hidden_states is None:
+            generator = torch.Generator().manual_seed(seed)
+            hidden = routers[0][1].scorer.hidden_size  # type: ignore[attr-defined]
+            hidden_states = torch.randn(num_random_tokens, hidden, generator=generator)
+            source = f"{num_random_tokens} random standard-normal inputs"
+        else:
+            source = "given hidden states"
+        for name, router in routers:
+            ref = router.reference_weight  # type: ignore[attr-defined]
+            layers[name] = routing_agreement(router, hidden_states.to(ref.device))
+    return PatchReport(router_type=router_config.router_type, family=family, source=source, layers=layers)
+
+
+# --------------------------------------------------------------------------------------------
+# Distillation
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _match_logit_scale(
+    routers: list[tuple[str, nn.Module]], collected: list[dict[str, torch.Tensor]]
+) -> None:
+    for name, router in routers:
+        x_TH = torch.cat([c[name] for c in collected])
+        teacher = _reference_logits(router, x_TH).std(dim=-1).mean()
+        student = router.scorer(x_TH).float().std(dim=-1).mean()  # type: ignore[attr-defined]
+        if student > 0 and torch.isfinite(teacher / student):
+            router.scorer.scale_logits_(float(teacher / student))  # type: ignore[attr-defined]
+
+
+def distill_router(
+    model: nn.Module,
+    batches: Mapping[str, Any] | Iterable[Mapping[str, Any]],
+    steps: int = 100,
+    *,
+    lr: float = 1e-2,
+    temperature: float = 1.0,
+    weight_decay: float = 0.0,
+    match_scale: bool = True,
+) -> PatchReport:
+    """Train only router parameters so each router's softmax matches its reference gate (KL).
+
+    The model runs once per batch without gradients to collect each router's real inputs (padding
+    dropped); every step then fits all routers on those inputs at once. Every other parameter is
+    left untouched (no gradients are computed for it).
+
+    Args:
+        model: a model patched with ``keep_reference=True`` (the default).
+        batches: model inputs (a dict or an iterable of dicts) to take router inputs from.
+        steps: optimisation steps (≥ 1), cycling over the collected batches.
+        lr: AdamW learning rate.
+        temperature: softmax temperature of teacher and student in the KL.
+        weight_decay: AdamW weight decay.
+        match_scale: first rescale each student's logits (L2R's γ, the cosine temperature) so
+            their mean per-token spread matches the teacher's; bounded scorers otherwise spend
+            the first steps chasing the teacher's scale and lose the SVD init's ranking.
+
+    Returns:
+        A ``PatchReport`` of top-k agreement after distillation on the collected inputs.
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer; got {steps!r}.")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0; got {lr!r}.")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0; got {temperature!r}.")
+    routers = [(n, m) for n, m in model.named_modules() if isinstance(m, RoutedRouterMixin)]
+    if not routers:
+        raise ValueError("distill_router needs a model patched with patch_moe_routers.")
+    missing = [n for n, m in routers if getattr(m, "reference_weight", None) is None]
+    if missing:
+        raise ValueError(
+            f"Routers {missing[:3]}... keep no reference gate: call distill_router right after "
+            "patch_moe_routers(..., keep_reference=True)."
+        )
+    batch_list = _as_batches(batches)
+    if not batch_list:
+        raise ValueError("distill_router needs at least one batch.")
+    was_training = model.training
+    model.eval()
+    collected: list[dict[str, torch.Tensor]] = [_capture_router_inputs(model, routers, b) for b in batch_list]
+
+    if match_scale:
+        _match_logit_scale(routers, collected)
+    params = [p for _, r in routers for p in r.scorer.parameters() if p.requires_grad]  # type: ignore[attr-defined]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    for _, router in routers:
+        router.scorer.train()  # type: ignore[attr-defined]
+    for step in range(steps):
+        inputs = collected[step % len(collected)]
+        loss = torch.zeros((), device=params[0].device)
+        for name, router in routers:
+            x_TH = inputs[name]
+            with torch.no_grad():
+                teacher = F.log_softmax(_reference_logits(router, x_TH) / temperature, dim=-1)
+            student = F.log_softmax(router.scorer(x_TH).float() / temperature, dim=-1)  # type: ignore[attr-defined]
+            loss = loss + F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.train(was_training)
+
+    layers = {
+        name: routing_agreement(router, torch.cat([c[name] for c in collected])) for name, router in routers
+    }
+    family = FAMILIES[model.config.model_type].name  # type: ignore[attr-defined]
+    router_type = routers[0][1].router_config.router_type  # type: ignore[attr-defined]
+    report = PatchReport(router_type=router_type, family=family, source="distillation batches", layers=layers)
+    logger.info("after distillation: %s", report)
+    return report

@@ -1,0 +1,281 @@
+"""The router contract shared by every routing method.
+
+Shape legend used across ``hf_moe_routers.routers``:
+    T tokens (batch * sequence, flattened), H hidden size, E experts, K top-k,
+    R latent rank, M anchors per expert, D cosine-router projection size.
+
+A *router config* is a small dataclass that names a method and its hyper-parameters; it is
+validated on construction and round-trips through JSON (it is stored as a plain dict inside the
+model config). A *scorer* is the ``nn.Module`` built from it: it maps router inputs ``x_TH`` to
+float32 logits ``[T, E]`` and owns every parameter of the method. The host family's router class
+(Mixtral, Qwen, OLMoE, Switch, ...) keeps its forward signature and return tuple and turns those
+logits into its own top-k convention; see ``hf_moe_routers.modeling``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+from collections.abc import Iterable, Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+__all__ = [
+    "RouterConfig",
+    "RouterScorer",
+    "float32_routing",
+    "spectral_norm_exact",
+    "stable_rank",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers: every error names the field and what it accepts.
+# --------------------------------------------------------------------------------------------
+
+
+def check_choice(owner: str, field: str, value: Any, allowed: Iterable[Any]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(
+            f"{owner}.{field} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}."
+        )
+
+
+def check_number(
+    owner: str,
+    field: str,
+    value: Any,
+    *,
+    integer: bool = False,
+    minimum: float | None = None,
+    exclusive_minimum: bool = False,
+    allow_none: bool = False,
+) -> None:
+    if value is None and allow_none:
+        return
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"{owner}.{field} must be {kind}{extra}; got {value!r} ({type(value).__name__}).")
+    if not integer and not math.isfinite(float(value)):
+        raise ValueError(f"{owner}.{field} must be finite; got {value!r}.")
+    if minimum is not None:
+        bad = value <= minimum if exclusive_minimum else value < minimum
+        if bad:
+            op = ">" if exclusive_minimum else ">="
+            raise ValueError(f"{owner}.{field} must be {op} {minimum}; got {value!r}.")
+
+
+def check_bool(owner: str, field: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}.{field} must be True or False; got {value!r}.")
+
+
+# --------------------------------------------------------------------------------------------
+# Router configs
+# --------------------------------------------------------------------------------------------
+
+_CONFIG_REGISTRY: dict[str, type[RouterConfig]] = {}
+
+
+@dataclasses.dataclass
+class RouterConfig:
+    """Base class of every router config.
+
+    Subclasses are dataclasses with a class-level ``router_type`` and override ``validate``.
+    ``check_finite`` (shared by all methods) makes the router raise a clear error when the hidden
+    states it receives contain NaN or Inf; it costs one device sync per router call, so switch it
+    off for ``torch.compile`` or maximal speed.
+    """
+
+    router_type: ClassVar[str] = ""
+    check_finite: bool = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.router_type:
+            _CONFIG_REGISTRY[cls.router_type] = cls
+
+    def __post_init__(self) -> None:
+        check_bool(type(self).__name__, "check_finite", self.check_finite)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field and its allowed values for any bad field."""
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict that ``RouterConfig.from_dict`` turns back into this config."""
+        return {"router_type": self.router_type, **dataclasses.asdict(self)}
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any] | RouterConfig) -> RouterConfig:
+        """Build the config named by ``data["router_type"]``; unknown keys are an error."""
+        if isinstance(data, RouterConfig):
+            return data
+        if not isinstance(data, dict):
+            raise ValueError(f"A router config must be a RouterConfig or a dict; got {type(data).__name__}.")
+        data = dict(data)
+        router_type = data.pop("router_type", None)
+        if router_type not in _CONFIG_REGISTRY:
+            raise ValueError(
+                f"router_type must be one of {', '.join(repr(t) for t in sorted(_CONFIG_REGISTRY))}; "
+                f"got {router_type!r}."
+            )
+        cls = _CONFIG_REGISTRY[router_type]
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(
+                f"Unknown field(s) {unknown} for {cls.__name__}; allowed fields: {sorted(names)}."
+            )
+        return cls(**data)
+
+    @staticmethod
+    def registered_types() -> tuple[str, ...]:
+        return tuple(sorted(_CONFIG_REGISTRY))
+
+
+# --------------------------------------------------------------------------------------------
+# Float32 math and matrix statistics
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def float32_routing(device: torch.device | str) -> Iterator[None]:
+    """Disable autocast so routing math stays in float32 whatever the model's precision."""
+    device_type = torch.device(device).type
+    if device_type not in ("cuda", "cpu", "xpu", "mps", "hpu"):
+        yield
+        return
+    with torch.autocast(device_type=device_type, enabled=False):
+        yield
+
+
+def spectral_norm_exact(weight: torch.Tensor) -> torch.Tensor:
+    """Largest singular value of ``weight [N, H]`` in float32 (differentiable)."""
+    with float32_routing(weight.device):
+        return torch.linalg.matrix_norm(weight.float(), ord=2)
+
+
+def stable_rank(weight: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+    """``‖W‖_F² / ‖W‖₂²`` of ``weight [N, H]`` in float32; between 1 and ``min(N, H)``."""
+    with float32_routing(weight.device):
+        w = weight.float()
+        sigma = spectral_norm_exact(w) if sigma is None else sigma.float()
+        return w.pow(2).sum() / sigma.pow(2).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+# --------------------------------------------------------------------------------------------
+# Scorer base module
+# --------------------------------------------------------------------------------------------
+
+
+class RouterScorer(nn.Module):
+    """Maps router inputs ``x_TH`` to logits ``[T, E]``; owns every parameter of the method.
+
+    Subclasses implement ``forward``, ``reset_parameters`` (from-scratch init),
+    ``init_from_dense`` (conversion of a pretrained dense gate) and ``routing_matrix``.
+    The parameter-only regularisers of the method come from ``regularization_terms`` (raw,
+    unweighted) and ``regularization_loss`` (weighted by the config).
+    """
+
+    config_class: ClassVar[type[RouterConfig]]
+
+    def __init__(self, config: RouterConfig, hidden_size: int, num_experts: int, *, bias: bool = False):
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise ValueError(f"{type(self).__name__} needs a {self.config_class.__name__}; got {config!r}.")
+        check_number(type(self).__name__, "hidden_size", hidden_size, integer=True, minimum=1)
+        check_number(type(self).__name__, "num_experts", num_experts, integer=True, minimum=1)
+        self.config = config
+        self.hidden_size = hidden_size
+        self.num_experts = num_experts
+        self.has_bias = bias
+
+    # -- the contract ----------------------------------------------------------------------------
+    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Return logits ``[T, E]`` (float32 unless the method is the host's own linear gate)."""
+        raise NotImplementedError
+
+    def reset_parameters(self, std: float = 0.02) -> None:  # pragma: no cover - abstract
+        """Initialise every parameter and buffer for training from scratch.
+
+        Uses ``transformers.initialization`` so tensors already loaded from a checkpoint are kept.
+        """
+        raise NotImplementedError
+
+    def init_from_dense(self, weight_EH: torch.Tensor, bias_E: torch.Tensor | None = None) -> None:
+        """Initialise from a pretrained dense gate ``logits = x @ weight_EH.T + bias_E``."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def routing_matrix(self) -> torch.Tensor:
+        """The matrix ``[N, H]`` that reads the router input (gate rows, prototypes or ``W_q``)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def expert_embeddings(self) -> torch.Tensor:
+        """One row per expert (or per anchor) in the space where scores are computed ``[E*M, *]``."""
+        return self.routing_matrix()
+
+    def scale_logits_(self, factor: float) -> bool:
+        """Multiply every logit by ``factor > 0`` by changing a scale parameter, in place.
+
+        Returns False when the method has no such parameter (then nothing changes). Used by
+        ``distill_router`` to match the teacher's logit scale before fitting.
+        """
+        return False
+
+    def regularization_terms(self) -> dict[str, torch.Tensor]:
+        """Raw (unweighted) parameter-only penalty terms of the method; empty if it has none."""
+        return {}
+
+    def regularization_weights(self) -> dict[str, float]:
+        """The config's weight for each key of ``regularization_terms``."""
+        return {}
+
+    def regularization_loss(self) -> torch.Tensor:
+        """``Σ weight · term`` over ``regularization_terms``, a float32 scalar (0 when none)."""
+        terms = self.regularization_terms()
+        weights = self.regularization_weights()
+        total = torch.zeros((), device=self._device(), dtype=torch.float32)
+        for name, value in terms.items():
+            weight = weights.get(name, 0.0)
+            if weight:
+                total = total + weight * value.float()
+        return total
+
+    def lipschitz_bound(self) -> torch.Tensor:
+        """An upper bound ``L`` with ``‖logits(x) − logits(y)‖₂ ≤ L ‖x − y‖₂`` for all inputs.
+
+        ``inf`` when the scoring function has no global Lipschitz constant (for example a
+        normalised query, which jumps at ``x = 0``).
+        """
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def spectral_norm(self) -> torch.Tensor:
+        """σ_max of ``routing_matrix()`` in float32."""
+        return spectral_norm_exact(self.routing_matrix().detach())
+
+    def stable_rank(self) -> torch.Tensor:
+        """Stable rank of ``routing_matrix()`` in float32."""
+        return stable_rank(self.routing_matrix().detach())
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        for tensor in self.parameters():
+            return tensor.device
+        for tensor in self.buffers():
+            return tensor.device
+        return torch.device("cpu")
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, config={self.config}"

@@ -1,0 +1,134 @@
+"""Tiny models of every supported family, built from configs (no hub access)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from transformers import (
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+    SwitchTransformersConfig,
+    SwitchTransformersForConditionalGeneration,
+)
+
+VOCAB = 64
+HIDDEN = 32
+EXPERTS = 6
+
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
+def tiny_config(family: str, **overrides):
+    """A small config of ``family`` with E=6 experts and top-2 routing (Switch: top-1)."""
+    if family == "mixtral":
+        kwargs = dict(_COMMON, intermediate_size=48, num_local_experts=EXPERTS, num_experts_per_tok=2)
+        return MixtralConfig(**{**kwargs, **overrides})
+    if family == "qwen2_moe":
+        kwargs = dict(
+            _COMMON,
+            intermediate_size=48,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=48,
+            num_experts=EXPERTS,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+        )
+        return Qwen2MoeConfig(**{**kwargs, **overrides})
+    if family == "qwen3_moe":
+        kwargs = dict(
+            _COMMON,
+            intermediate_size=48,
+            moe_intermediate_size=24,
+            num_experts=EXPERTS,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            head_dim=8,
+        )
+        return Qwen3MoeConfig(**{**kwargs, **overrides})
+    if family == "olmoe":
+        kwargs = dict(
+            _COMMON,
+            intermediate_size=24,
+            num_experts=EXPERTS,
+            num_experts_per_tok=2,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=None,
+        )
+        return OlmoeConfig(**{**kwargs, **overrides})
+    if family == "switch_transformers":
+        kwargs = dict(
+            vocab_size=VOCAB,
+            d_model=HIDDEN,
+            d_kv=8,
+            d_ff=48,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            num_experts=EXPERTS,
+            num_sparse_encoder_layers=2,
+            num_sparse_decoder_layers=2,
+            expert_capacity=16,
+            decoder_start_token_id=0,
+            router_jitter_noise=0.0,
+        )
+        return SwitchTransformersConfig(**{**kwargs, **overrides})
+    raise KeyError(family)
+
+
+MODEL_CLASSES = {
+    "mixtral": MixtralForCausalLM,
+    "qwen2_moe": Qwen2MoeForCausalLM,
+    "qwen3_moe": Qwen3MoeForCausalLM,
+    "olmoe": OlmoeForCausalLM,
+    "switch_transformers": SwitchTransformersForConditionalGeneration,
+}
+FAMILIES = tuple(MODEL_CLASSES)
+CAUSAL_FAMILIES = FAMILIES[:-1]
+
+
+def tiny_model(family: str, seed: int = 0, gate_std: float | None = 0.3, **overrides):
+    """A tiny randomly initialised host model in eval mode; gates get a larger std so routing is
+    decisive (random gates at the family's init std make every expert nearly tied)."""
+    torch.manual_seed(seed)
+    model = MODEL_CLASSES[family](tiny_config(family, **overrides)).eval()
+    if gate_std is not None:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("gate.weight") or name.endswith("router.classifier.weight"):
+                    param.normal_(0.0, gate_std)
+    return model
+
+
+def model_inputs(family: str, batch: int = 2, seq: int = 7, seed: int = 1, padded: bool = False) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (batch, seq), generator=generator)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if padded:
+        mask[0, :3] = 0  # left padding on the first row
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if family == "switch_transformers":
+        inputs["decoder_input_ids"] = torch.randint(1, VOCAB, (batch, seq - 2), generator=generator)
+    return inputs
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
