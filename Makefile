@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m hf_moe_routers demo
+	HF_HUB_OFFLINE=1 $(PY) -m hf_moe_routers train --output_dir outputs/main_job
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest

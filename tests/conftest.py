@@ -132,3 +132,28 @@ def model_inputs(family: str, batch: int = 2, seq: int = 7, seed: int = 1, padde
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    """Random token sequences with labels, optionally right-padded (label -100 on padding)."""
+
+    def __init__(
+        self, n: int, seq: int = 16, seed: int = 0, pad_every: int = 0, encoder_decoder: bool = False
+    ):
+        generator = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(2, VOCAB, (n, seq), generator=generator)
+        self.mask = torch.ones(n, seq, dtype=torch.long)
+        if pad_every:
+            for i in range(0, n, pad_every):
+                self.mask[i, seq // 2 :] = 0
+        self.encoder_decoder = encoder_decoder
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        labels = self.ids[i].masked_fill(self.mask[i] == 0, -100)
+        item = {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": labels}
+        if self.encoder_decoder:
+            item["labels"] = self.ids[i][: self.ids.shape[1] // 2]
+        return item

@@ -284,3 +284,26 @@ def test_scale_logits_is_exact_for_affine_tanh_and_cosine():
         assert scorer.scale_logits_(2.5)
         torch.testing.assert_close(scorer(x), 2.5 * before, rtol=1e-5, atol=1e-6)
     assert not make(L2RConfig(rank=4, phi="tanh")).scale_logits_(2.0)
+
+
+LOCAL_BOUND_CONFIGS = [
+    SRMoEConfig(scoring="prototype"),
+    L2RConfig(rank=6, num_anchors=3),
+    L2RConfig(rank=6, num_anchors=2, phi="tanh", input_norm="none", anchor_reduce="max"),
+    CosineRouterConfig(dim=5, temperature=0.4),
+]
+
+
+@pytest.mark.parametrize("config", LOCAL_BOUND_CONFIGS, ids=lambda c: c.to_json_string())
+def test_local_lipschitz_bound_dominates_the_jacobian_norm(config):
+    scorer = make(config)
+    with torch.no_grad():
+        if hasattr(scorer, "phi_beta") and scorer.phi_beta is not None:
+            scorer.phi_beta.fill_(0.6)
+    torch.manual_seed(2)
+    x = torch.cat([torch.randn(6, H), 0.05 * torch.randn(3, H), 20 * torch.randn(3, H)])
+    bounds = scorer.local_lipschitz_bound(x)
+    assert bounds.shape == (x.shape[0],) and torch.isfinite(bounds).all()
+    for t in range(x.shape[0]):
+        jacobian = torch.autograd.functional.jacobian(lambda v: scorer(v.unsqueeze(0))[0], x[t])
+        assert torch.linalg.matrix_norm(jacobian, ord=2) <= bounds[t] * (1 + 1e-4) + 1e-6

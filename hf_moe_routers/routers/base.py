@@ -222,6 +222,14 @@ class RouterScorer(nn.Module):
         """The matrix ``[N, H]`` that reads the router input (gate rows, prototypes or ``W_q``)."""
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def effective_routing_matrix(self) -> torch.Tensor:
+        """The matrix that actually scores inputs (``routing_matrix`` after any constraint)."""
+        return self.routing_matrix()
+
+    def queries(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """What the scores compare with the experts, ``[T, *]`` float32 (default: the input)."""
+        return x_TH.float()
+
     def expert_embeddings(self) -> torch.Tensor:
         """One row per expert (or per anchor) in the space where scores are computed ``[E*M, *]``."""
         return self.routing_matrix()
@@ -260,6 +268,14 @@ class RouterScorer(nn.Module):
         normalised query, which jumps at ``x = 0``).
         """
         raise NotImplementedError  # pragma: no cover - abstract
+
+    def local_lipschitz_bound(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """Per token, an upper bound ``[T]`` on the spectral norm of the logits' Jacobian at ``x``.
+
+        Finite for every method (unlike ``lipschitz_bound`` for normalised queries); equal to the
+        global bound for affine scorers. The Trainer logs its maximum over observed tokens.
+        """
+        return self.lipschitz_bound().to(x_TH.device).expand(x_TH.shape[0]).clone()
 
     def spectral_norm(self) -> torch.Tensor:
         """σ_max of ``routing_matrix()`` in float32."""

@@ -117,6 +117,10 @@ class CosineScorer(RouterScorer):
         self.log_temperature.copy_(new_log_tau)
         return True
 
+    def queries(self, x_TH: torch.Tensor) -> torch.Tensor:
+        with float32_routing(x_TH.device):
+            return F.linear(x_TH.float(), self.proj.float())
+
     def routing_matrix(self) -> torch.Tensor:
         return self.proj
 
@@ -125,6 +129,16 @@ class CosineScorer(RouterScorer):
 
     def logit_bound(self) -> torch.Tensor:
         return 1.0 / self.temperature().detach()
+
+    @torch.no_grad()
+    def local_lipschitz_bound(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """``‖J(x)‖ ≤ σ(P) / ‖P x‖ · σ(Ê) / τ`` per token (the unit-normalisation's slope is 1/‖q‖)."""
+        with float32_routing(x_TH.device):
+            q_norm = self.queries(x_TH).norm(dim=-1).clamp_min(_EPS)
+            unit = F.normalize(self.embeddings.float(), dim=-1, eps=_EPS)
+            sigma_p = torch.linalg.matrix_norm(self.proj.float(), ord=2)
+            sigma_e = torch.linalg.matrix_norm(unit, ord=2)
+            return sigma_p / q_norm * sigma_e / self.temperature()
 
     def lipschitz_bound(self) -> torch.Tensor:
         # cos(Px, e) is discontinuous where Px = 0: no global Lipschitz constant.

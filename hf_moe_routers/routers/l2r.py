@@ -205,6 +205,33 @@ class L2RScorer(RouterScorer):
                 bound = bound + math.log(self.config.num_anchors)
             return bound
 
+    def _anchor_matrix_sigma(self) -> torch.Tensor:
+        """σ_max of the stacked ψ-scaled unit anchors ``A [E*M, R]``."""
+        anchors = self.anchors.float()
+        norms = anchors.norm(dim=-1, keepdim=True)
+        stacked = self.psi(norms.squeeze(-1)).unsqueeze(-1) * anchors / norms.clamp_min(_NORM_EPS)
+        return spectral_norm_exact(stacked.reshape(-1, stacked.shape[-1]))
+
+    @torch.no_grad()
+    def local_lipschitz_bound(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """``‖J(x)‖ ≤ ‖J_norm(x)‖ · σ(W_q) · max(|φ'(‖q‖)|, |φ(‖q‖)|/‖q‖) · σ(A) / τ`` per token."""
+        with float32_routing(x_TH.device):
+            x = x_TH.float()
+            if self.config.input_norm == "rms":
+                scale = torch.rsqrt(x.pow(2).mean(-1) + _NORM_EPS)  # the RMSNorm Jacobian's norm
+            else:
+                scale = torch.ones(x.shape[0], device=x.device)
+            q_norm = self.queries(x_TH).norm(dim=-1)
+            gamma = self.phi_gamma.float()
+            if self.config.phi == "affine_tanh":
+                slope = (gamma * self.phi_beta.float()).abs() / torch.cosh(q_norm).pow(2)
+            else:
+                slope = 1.0 / torch.cosh(q_norm / gamma).pow(2)
+            radial = self.phi(q_norm).abs() / q_norm.clamp_min(_NORM_EPS)
+            g = torch.maximum(slope, radial)
+            sigma_q = spectral_norm_exact(self.query_proj)
+            return scale * sigma_q * g * self._anchor_matrix_sigma() / self.config.temperature
+
     def lipschitz_bound(self) -> torch.Tensor:
         """Global bound of the logits w.r.t. the router input ``x``.
 
@@ -217,10 +244,7 @@ class L2RScorer(RouterScorer):
         with torch.no_grad(), float32_routing(self._device()):
             if self.config.phi == "affine_tanh":
                 return torch.tensor(float("inf"), device=self._device())
-            anchors = self.anchors.float()
-            norms = anchors.norm(dim=-1, keepdim=True)
-            stacked = self.psi(norms.squeeze(-1)).unsqueeze(-1) * anchors / norms.clamp_min(_NORM_EPS)
-            sigma_a = spectral_norm_exact(stacked.reshape(-1, stacked.shape[-1]))
+            sigma_a = self._anchor_matrix_sigma()
             sigma_q = spectral_norm_exact(self.query_proj)
             norm_factor = 1.0 / math.sqrt(_NORM_EPS) if self.config.input_norm == "rms" else 1.0
             return sigma_a * sigma_q * norm_factor / self.config.temperature

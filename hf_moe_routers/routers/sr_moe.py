@@ -114,6 +114,10 @@ class SRMoEScorer(RouterScorer):
     def routing_matrix(self) -> torch.Tensor:
         return self.weight if self.config.scoring == "linear" else self.prototypes
 
+    def effective_routing_matrix(self) -> torch.Tensor:
+        with torch.no_grad(), float32_routing(self._device()):
+            return self.effective_matrix(update=False)
+
     def _sigma(self, matrix: torch.Tensor, update: bool) -> torch.Tensor:
         """σ_max(matrix) in float32: exact, or power iteration (σ ≤ the true value)."""
         if self.config.sigma_method == "exact":

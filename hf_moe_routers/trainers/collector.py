@@ -1,0 +1,201 @@
+"""Find a model's routers and capture what they return during the Trainer's forward passes.
+
+Works on patched and unpatched transformers MoE models alike: routers are the modules of the class
+the model records ``router_logits`` from (``_can_record_outputs``), so our routed routers (which
+subclass the host's) and the host's own are both found. Captures are returned to the caller, never
+kept in a global: the Trainer starts a capture around its forward and takes the result.
+
+Shape legend: T tokens, H router input size, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..modeling.base import RoutedRouterMixin
+
+__all__ = ["RouterCapture", "RouterCollector", "RouterInfo", "find_routers"]
+
+# How each family turns logits into routing probabilities for the balance loss (TRANSFORMERS_V5 §1).
+_SCORING_BY_MODEL_TYPE = {"deepseek_v3": "sigmoid", "gpt_oss": "topk_softmax"}
+
+
+@dataclasses.dataclass
+class RouterInfo:
+    """One router of a model."""
+
+    name: str  # module path
+    layer: str  # short label, e.g. "layer_3" or "encoder_1"
+    module: nn.Module
+    num_experts: int
+    top_k: int
+    logits_index: int  # position of the logits in the router's output tuple
+    stack: str  # "decoder" (causal LMs and Switch decoders) or "encoder"
+
+    @property
+    def routed(self) -> bool:
+        return isinstance(self.module, RoutedRouterMixin)
+
+    def gate_matrix(self) -> torch.Tensor:
+        """The matrix reading the router input ``[N, H]`` (effective under SR-MoE constrain)."""
+        if self.routed:
+            return self.module.scorer.effective_routing_matrix().detach()  # type: ignore[attr-defined]
+        for name in ("weight",):
+            if isinstance(getattr(self.module, name, None), torch.Tensor):
+                return getattr(self.module, name).detach()
+        classifier = getattr(self.module, "classifier", None)
+        if classifier is not None:
+            return classifier.weight.detach()
+        raise ValueError(f"Cannot find the gate weight of router {self.name} ({type(self.module).__name__}).")
+
+    def expert_rows(self) -> torch.Tensor:
+        """Expert anchors / gate rows ``[E*M, *]`` for angular concentration."""
+        if self.routed:
+            return self.module.scorer.expert_embeddings().detach()  # type: ignore[attr-defined]
+        return self.gate_matrix()
+
+    def queries(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """Router queries ``[T, *]``: what the scores compare with experts (L2R: ``W_q x``)."""
+        if self.routed:
+            return self.module.scorer.queries(x_TH).detach()  # type: ignore[attr-defined]
+        return x_TH.float()
+
+    def local_lipschitz_bound(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """Max over tokens of the per-token Jacobian-norm bound (finite for every router)."""
+        if self.routed:
+            return self.module.scorer.local_lipschitz_bound(x_TH).max().detach()  # type: ignore[attr-defined]
+        return self.lipschitz_bound()
+
+    def lipschitz_bound(self) -> torch.Tensor:
+        if self.routed:
+            return self.module.lipschitz_bound().detach()  # type: ignore[attr-defined]
+        return torch.linalg.matrix_norm(self.gate_matrix().float(), ord=2)
+
+    @torch.no_grad()
+    def logits(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """Logits ``[T, E]`` for router inputs ``x_TH``, with the router in eval mode (no jitter)."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            if self.routed:
+                return self.module.scorer(x_TH).float()  # type: ignore[attr-defined]
+            x = x_TH.unsqueeze(0) if self.logits_index == 2 else x_TH  # Switch wants [B, S, H]
+            out = self.module(x)
+            return out[self.logits_index].reshape(-1, self.num_experts).float()
+        finally:
+            self.module.train(was_training)
+
+    def route(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """Top-k expert indices ``[T, K]`` for router inputs (the selection, not the weights)."""
+        return self.logits(x_TH).topk(self.top_k, dim=-1).indices
+
+
+@dataclasses.dataclass
+class RouterCapture:
+    """What one router returned in one forward: logits ``[T, E]``, indices ``[T, K]`` and its
+    input ``[T, H]`` (detached)."""
+
+    logits_TE: torch.Tensor
+    indices_TK: torch.Tensor
+    inputs_TH: torch.Tensor
+
+
+def _layer_label(name: str, position: int) -> tuple[str, str]:
+    stack = "encoder" if ".encoder." in f".{name}" else "decoder"
+    match = re.search(r"\.(?:layers|block|h|layer)\.(\d+)\.", f".{name}.")
+    index = match.group(1) if match else str(position)
+    prefix = "encoder" if stack == "encoder" else ("decoder" if ".decoder." in f".{name}" else "layer")
+    return f"{prefix}_{index}", stack
+
+
+def find_routers(model: nn.Module) -> list[RouterInfo]:
+    """Every router of ``model`` in module order; an error for a model without recorded routers."""
+    recorder = None
+    for module in model.modules():
+        spec = getattr(type(module), "_can_record_outputs", None) or {}
+        if "router_logits" in spec:
+            recorder = spec["router_logits"]
+            break
+    if recorder is None:
+        raise ValueError(
+            f"{type(model).__name__} records no router_logits: it is not a transformers MoE model "
+            "(supported: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Switch Transformers and their routed forms)."
+        )
+    target = getattr(recorder, "target_class", recorder)
+    index = getattr(recorder, "index", 0) or 0
+    config = getattr(model, "config", None)
+    infos = []
+    for name, module in model.named_modules():
+        if not isinstance(module, target):
+            continue
+        num_experts = int(module.num_experts)
+        top_k = int(getattr(module, "top_k", 1))
+        if index == 2:  # Switch: top-1
+            top_k = 1
+        layer, stack = _layer_label(name, len(infos))
+        infos.append(RouterInfo(name, layer, module, num_experts, top_k, index, stack))
+    if not infos:
+        raise ValueError(f"{type(model).__name__} has no {target.__name__} module.")
+    del config
+    return infos
+
+
+def routing_scoring(model: nn.Module) -> str:
+    """``"softmax"``, ``"sigmoid"`` or ``"topk_softmax"``: how the family turns logits into probabilities."""
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    return _SCORING_BY_MODEL_TYPE.get(str(model_type).removeprefix("routed_"), "softmax")
+
+
+class RouterCollector:
+    """Forward hooks on every router; ``start()`` / ``stop()`` bracket one model forward.
+
+    Under gradient checkpointing a router runs again during backward; captures are only taken
+    between ``start`` and ``stop``, and a second call in the same window overwrites the first (the
+    values are identical), so each router contributes once per forward.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.routers = find_routers(model)
+        self._active = False
+        self._captures: dict[int, RouterCapture] = {}
+        self._handles = [
+            info.module.register_forward_hook(self._make_hook(i, info), with_kwargs=True)
+            for i, info in enumerate(self.routers)
+        ]
+
+    def _make_hook(self, position: int, info: RouterInfo) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
+            if not self._active:
+                return
+            x = args[0] if args else next(iter(kwargs.values()))
+            logits = output[info.logits_index]
+            logits_TE = logits.reshape(-1, info.num_experts)
+            if info.logits_index == 0 and len(output) == 3 and not output[2].is_floating_point():
+                indices_TK = output[2].reshape(logits_TE.shape[0], -1)  # the router's own selection
+            else:
+                indices_TK = logits_TE.detach().topk(info.top_k, dim=-1).indices
+            self._captures[position] = RouterCapture(
+                logits_TE, indices_TK, x.detach().reshape(-1, x.shape[-1])
+            )
+
+        return hook
+
+    def start(self) -> None:
+        self._captures = {}
+        self._active = True
+
+    def stop(self) -> list[RouterCapture | None]:
+        self._active = False
+        captures = [self._captures.get(i) for i in range(len(self.routers))]
+        self._captures = {}
+        return captures
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

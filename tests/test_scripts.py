@@ -1,0 +1,154 @@
+"""The training scripts end to end on tiny settings: outputs, reload, resume, patch-and-fine-tune."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import AutoModelForCausalLM
+
+import hf_moe_routers  # noqa: F401  (registers the routed model types)
+from hf_moe_routers.trainers import clm, finetune
+
+TINY = [
+    "--hidden_size",
+    "32",
+    "--num_hidden_layers",
+    "2",
+    "--num_attention_heads",
+    "2",
+    "--num_experts",
+    "4",
+    "--expert_intermediate_size",
+    "32",
+    "--vocab_size",
+    "300",
+    "--block_size",
+    "32",
+    "--max_train_blocks",
+    "64",
+    "--max_eval_blocks",
+    "8",
+    "--per_device_train_batch_size",
+    "4",
+    "--per_device_eval_batch_size",
+    "8",
+    "--logging_steps",
+    "2",
+    "--eval_steps",
+    "4",
+    "--save_steps",
+    "2",
+    "--disable_tqdm",
+    "true",
+    "--router_plots",
+    "false",
+]
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("architecture", ["olmoe", "mixtral"])
+def test_train_clm_writes_a_model_that_reloads_and_resumes_identically(tmp_path, architecture):
+    common = TINY + [
+        "--architecture",
+        architecture,
+        "--router_type",
+        "sr_moe",
+        "--router_kwargs",
+        '{"sigma_method": "power", "spectral_mode": "constrain"}',
+    ]
+    full = tmp_path / "full"
+    metrics = clm.main(common + ["--output_dir", str(full), "--max_steps", "4", "--save_total_limit", "3"])
+    assert metrics["eval_perplexity"] > 1 and "eval_router/load_entropy" in metrics
+    saved = json.loads((full / "routing_metrics.json").read_text())
+    assert saved["eval_loss"] == pytest.approx(metrics["eval_loss"])
+    assert (full / "routing_history.json").is_file() and (full / "tokenizer.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(full)
+    assert model.config.model_type == f"routed_{architecture}"
+    assert model.config.router_config.spectral_mode == "constrain"
+
+    # Resume from the step-2 checkpoint of that run: the router state (weights, power-iteration
+    # vectors, optimizer) comes back and the final weights equal the uninterrupted run's.
+    resumed = tmp_path / "resumed"
+    import shutil
+
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    clm.main(
+        common
+        + [
+            "--output_dir",
+            str(resumed),
+            "--max_steps",
+            "4",
+            "--resume_from_checkpoint",
+            str(resumed / "checkpoint-2"),
+        ]
+    )
+    final, again = _state(model), _state(AutoModelForCausalLM.from_pretrained(resumed))
+    assert final.keys() == again.keys()
+    for key in final:
+        torch.testing.assert_close(again[key], final[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert any("power_u" in k for k in final)
+
+
+def test_train_clm_rejects_bad_flags(tmp_path):
+    with pytest.raises(ValueError, match="router_type must be one of"):
+        clm.main(TINY + ["--router_type", "hash", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        clm.main(TINY + ["--architecture", "gpt2", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="router_kwargs must be a JSON object"):
+        clm.main(TINY + ["--router_kwargs", "rank=4", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="L2RConfig.rank must be >= 1"):
+        clm.main(TINY + ["--router_kwargs", '{"rank": 0}', "--output_dir", str(tmp_path)])
+
+
+def test_finetune_patched_patches_distils_trains_and_saves(tmp_path):
+    base = tiny_model("olmoe", vocab_size=300)
+    base.save_pretrained(tmp_path / "base")
+    output = tmp_path / "out"
+    metrics = finetune.main(
+        [
+            "--model_name_or_path",
+            str(tmp_path / "base"),
+            "--router_type",
+            "l2r",
+            "--router_kwargs",
+            '{"rank": 8, "num_anchors": 2}',
+            "--distill_steps",
+            "5",
+            "--output_dir",
+            str(output),
+            "--max_steps",
+            "2",
+            "--block_size",
+            "32",
+            "--max_train_blocks",
+            "32",
+            "--max_eval_blocks",
+            "4",
+            "--per_device_train_batch_size",
+            "4",
+            "--logging_steps",
+            "1",
+            "--save_steps",
+            "2",
+            "--disable_tqdm",
+            "true",
+            "--router_plots",
+            "false",
+        ]
+    )
+    assert "eval_router/flip_rate" in metrics
+    loaded = AutoModelForCausalLM.from_pretrained(output).eval()
+    assert loaded.config.model_type == "routed_olmoe" and loaded.config.router_config.rank == 8
+    ids = torch.randint(0, 300, (1, 12))
+    reloaded = AutoModelForCausalLM.from_pretrained(output).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, reloaded(ids).logits, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="is not a saved model folder"):
+        finetune.main(["--model_name_or_path", str(tmp_path / "nothing"), "--output_dir", str(output)])
