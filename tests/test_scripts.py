@@ -152,3 +152,53 @@ def test_finetune_patched_patches_distils_trains_and_saves(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, reloaded(ids).logits, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="is not a saved model folder"):
         finetune.main(["--model_name_or_path", str(tmp_path / "nothing"), "--output_dir", str(output)])
+
+
+def test_finetune_lora_saves_an_adapter_and_a_merged_model(tmp_path):
+    from peft import PeftModel
+
+    from hf_moe_routers.trainers import lora
+
+    base = hf_moe_routers.patch_moe_routers(tiny_model("olmoe", vocab_size=300), hf_moe_routers.SRMoEConfig())
+    base.save_pretrained(tmp_path / "base")
+    output = tmp_path / "lora"
+    lora.main(
+        [
+            "--model_name_or_path",
+            str(tmp_path / "base"),
+            "--output_dir",
+            str(output),
+            "--merge",
+            "true",
+            "--lora_r",
+            "2",
+            "--max_steps",
+            "2",
+            "--block_size",
+            "32",
+            "--max_train_blocks",
+            "16",
+            "--max_eval_blocks",
+            "4",
+            "--per_device_train_batch_size",
+            "4",
+            "--logging_steps",
+            "1",
+            "--save_strategy",
+            "no",
+            "--eval_strategy",
+            "no",
+            "--disable_tqdm",
+            "true",
+            "--router_plots",
+            "false",
+        ]
+    )
+    assert (output / "adapter_config.json").is_file() and (output / "merged" / "config.json").is_file()
+    adapted = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base"), output
+    ).eval()
+    merged = AutoModelForCausalLM.from_pretrained(output / "merged").eval()
+    ids = torch.randint(0, 300, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-5, atol=1e-5)

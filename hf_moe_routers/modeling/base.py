@@ -68,12 +68,24 @@ class RoutedRouterMixin:
         self.scorer = scorer
 
     @property
+    def base_scorer(self) -> RouterScorer:
+        """The scorer itself, also when PEFT wrapped it (LoRA on a router parameter).
+
+        Read parameters through it outside forward only knowingly: PEFT's ``ParamWrapper`` adds
+        its delta inside forward alone, so the Trainer takes penalties from a hook on this module.
+        """
+        scorer = self.scorer
+        while not isinstance(scorer, RouterScorer) and hasattr(scorer, "get_base_layer"):
+            scorer = scorer.get_base_layer()
+        return scorer
+
+    @property
     def router_config(self) -> RouterConfig:
-        return self.scorer.config
+        return self.base_scorer.config
 
     def router_logits(self, x_TH: torch.Tensor) -> torch.Tensor:
         """Scorer logits ``[T, E]`` for router inputs ``x_TH``; refuses NaN/Inf inputs."""
-        if self.scorer.config.check_finite and not torch.compiler.is_compiling():
+        if self.router_config.check_finite and not torch.compiler.is_compiling():
             if not bool(torch.isfinite(x_TH).all()):
                 raise ValueError(
                     f"{type(self).__name__} received hidden states with NaN or Inf values "
@@ -83,13 +95,13 @@ class RoutedRouterMixin:
         return self.scorer(x_TH)
 
     def regularization_terms(self) -> dict[str, torch.Tensor]:
-        return self.scorer.regularization_terms()
+        return self.base_scorer.regularization_terms()
 
     def regularization_loss(self) -> torch.Tensor:
-        return self.scorer.regularization_loss()
+        return self.base_scorer.regularization_loss()
 
     def lipschitz_bound(self) -> torch.Tensor:
-        return self.scorer.lipschitz_bound()
+        return self.base_scorer.lipschitz_bound()
 
 
 class SoftmaxTopKRoutedRouter(RoutedRouterMixin):

@@ -217,7 +217,8 @@ class SRMoEScorer(RouterScorer):
                 terms["spectral"] = torch.relu(sigma - bound).pow(2)
             full_rank = min(self.num_experts, self.hidden_size)
             # The exact σ keeps the stable rank a true ratio (≤ min(E, H)) also under power iteration.
-            terms["stable_rank"] = 1.0 - stable_rank(matrix) / full_rank
+            exact = sigma if self.config.sigma_method == "exact" else None
+            terms["stable_rank"] = 1.0 - stable_rank(matrix, exact) / full_rank
             return terms
 
     def regularization_weights(self) -> dict[str, float]:

@@ -41,10 +41,15 @@ class RouterInfo:
     def routed(self) -> bool:
         return isinstance(self.module, RoutedRouterMixin)
 
+    @property
+    def scorer(self):  # noqa: ANN201 - RouterScorer
+        """The router's scorer, unwrapped from any PEFT layer."""
+        return self.module.base_scorer  # type: ignore[attr-defined]
+
     def gate_matrix(self) -> torch.Tensor:
         """The matrix reading the router input ``[N, H]`` (effective under SR-MoE constrain)."""
         if self.routed:
-            return self.module.scorer.effective_routing_matrix().detach()  # type: ignore[attr-defined]
+            return self.scorer.effective_routing_matrix().detach()
         for name in ("weight",):
             if isinstance(getattr(self.module, name, None), torch.Tensor):
                 return getattr(self.module, name).detach()
@@ -56,19 +61,19 @@ class RouterInfo:
     def expert_rows(self) -> torch.Tensor:
         """Expert anchors / gate rows ``[E*M, *]`` for angular concentration."""
         if self.routed:
-            return self.module.scorer.expert_embeddings().detach()  # type: ignore[attr-defined]
+            return self.scorer.expert_embeddings().detach()
         return self.gate_matrix()
 
     def queries(self, x_TH: torch.Tensor) -> torch.Tensor:
         """Router queries ``[T, *]``: what the scores compare with experts (L2R: ``W_q x``)."""
         if self.routed:
-            return self.module.scorer.queries(x_TH).detach()  # type: ignore[attr-defined]
+            return self.scorer.queries(x_TH).detach()
         return x_TH.float()
 
     def local_lipschitz_bound(self, x_TH: torch.Tensor) -> torch.Tensor:
         """Max over tokens of the per-token Jacobian-norm bound (finite for every router)."""
         if self.routed:
-            return self.module.scorer.local_lipschitz_bound(x_TH).max().detach()  # type: ignore[attr-defined]
+            return self.scorer.local_lipschitz_bound(x_TH).max().detach()
         return self.lipschitz_bound()
 
     def lipschitz_bound(self) -> torch.Tensor:
@@ -98,11 +103,16 @@ class RouterInfo:
 @dataclasses.dataclass
 class RouterCapture:
     """What one router returned in one forward: logits ``[T, E]``, indices ``[T, K]`` and its
-    input ``[T, H]`` (detached)."""
+    input ``[T, H]`` (detached). For routed routers, also what its scorer saw *inside* forward,
+    where PEFT's parametrisations are active: the effective routing matrix, the expert rows and,
+    in training, the raw penalty terms (with gradients)."""
 
     logits_TE: torch.Tensor
     indices_TK: torch.Tensor
     inputs_TH: torch.Tensor
+    routing_matrix: torch.Tensor | None = None
+    expert_rows: torch.Tensor | None = None
+    penalty_terms: dict[str, torch.Tensor] | None = None
 
 
 def _layer_label(name: str, position: int) -> tuple[str, str]:
@@ -133,6 +143,8 @@ def find_routers(model: nn.Module) -> list[RouterInfo]:
     for name, module in model.named_modules():
         if not isinstance(module, target):
             continue
+        if ".original_module" in f".{name}":
+            continue  # PEFT modules_to_save keeps a frozen copy that never runs
         num_experts = int(module.num_experts)
         top_k = int(getattr(module, "top_k", 1))
         if index == 2:  # Switch: top-1
@@ -163,10 +175,28 @@ class RouterCollector:
         self.routers = find_routers(model)
         self._active = False
         self._captures: dict[int, RouterCapture] = {}
+        self._scorer_data: dict[int, dict] = {}
         self._handles = [
             info.module.register_forward_hook(self._make_hook(i, info), with_kwargs=True)
             for i, info in enumerate(self.routers)
         ]
+        for i, info in enumerate(self.routers):
+            if info.routed:
+                self._handles.append(info.scorer.register_forward_hook(self._make_scorer_hook(i)))
+
+    def _make_scorer_hook(self, position: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if not self._active:
+                return
+            data = {
+                "routing_matrix": module.effective_routing_matrix().detach(),
+                "expert_rows": module.expert_embeddings().detach(),
+            }
+            if module.training and torch.is_grad_enabled():
+                data["penalty_terms"] = module.regularization_terms()
+            self._scorer_data[position] = data
+
+        return hook
 
     def _make_hook(self, position: int, info: RouterInfo) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: tuple) -> None:
@@ -187,12 +217,18 @@ class RouterCollector:
 
     def start(self) -> None:
         self._captures = {}
+        self._scorer_data = {}
         self._active = True
 
     def stop(self) -> list[RouterCapture | None]:
         self._active = False
         captures = [self._captures.get(i) for i in range(len(self.routers))]
+        for i, capture in enumerate(captures):
+            if capture is not None and i in self._scorer_data:
+                for key, value in self._scorer_data[i].items():
+                    setattr(capture, key, value)
         self._captures = {}
+        self._scorer_data = {}
         return captures
 
     def remove(self) -> None:

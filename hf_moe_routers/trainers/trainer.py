@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import ProgressCallback, Trainer
 
 from .. import metrics as M
 from .arguments import MoERouterTrainingArguments
@@ -74,6 +74,13 @@ class _Window:
         return bool(self.counts.sum() == 0)
 
 
+class _ConciseProgressCallback(ProgressCallback):
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if logs is not None:
+            logs = {k: v for k, v in logs.items() if not (k.count("/") >= 2 and "router/" in k)}
+        super().on_log(args, state, control, logs=logs, **kwargs)
+
+
 class MoERouterTrainer(Trainer):
     """A Trainer for (routed or plain) transformers MoE models: routing losses and routing metrics.
 
@@ -109,6 +116,7 @@ class MoERouterTrainer(Trainer):
         self.last_local_window: dict[str, Any] = {}
         if self.args.router_plots:
             self._add_plot_callback()
+        self._use_concise_progress()
 
     # ------------------------------------------------------------------------------------------
     # set-up helpers
@@ -135,6 +143,15 @@ class MoERouterTrainer(Trainer):
         # First in the list: TensorBoardCallback.on_train_end closes its writer before later callbacks run.
         callback = RoutingPlotCallback(self.routing_history, tensorboard_writer_getter=tensorboard_writer)
         self.callback_handler.callbacks.insert(0, callback)
+
+    def _use_concise_progress(self) -> None:
+        """The progress bar prints the mean router metrics only; per-layer values still reach
+        ``log_history`` and every ``report_to`` backend."""
+        for i, callback in enumerate(self.callback_handler.callbacks):
+            if type(callback) is ProgressCallback:
+                concise = _ConciseProgressCallback()
+                concise.__dict__.update(callback.__dict__)
+                self.callback_handler.callbacks[i] = concise
 
     def _config(self) -> Any:
         return self.accelerator.unwrap_model(self.model).config
@@ -238,20 +255,22 @@ class MoERouterTrainer(Trainer):
             )
         return torch.stack(values).mean()
 
-    def _parameter_penalty(self) -> torch.Tensor | None:
-        """Σ over routed routers of their weighted parameter-only penalties (None if no router has one)."""
+    def _parameter_penalty(self, captures: list[RouterCapture | None]) -> torch.Tensor | None:
+        """Σ over routed routers of their weighted parameter-only penalties (None if none has one).
+
+        The raw terms come from the scorers' forward (see ``RouterCollector``), so LoRA deltas on
+        router parameters, which PEFT applies only inside forward, are part of them.
+        """
         overrides = {
             "spectral": self.args.router_spectral_weight,
             "stable_rank": self.args.router_stable_rank_weight,
         }
         total = None
-        for info in self.routers:
-            if not info.routed:
+        for info, capture in zip(self.routers, captures):
+            if not info.routed or capture is None or not capture.penalty_terms:
                 continue
-            scorer = info.module.scorer  # type: ignore[attr-defined]
-            terms = scorer.regularization_terms()
-            weights = scorer.regularization_weights()
-            for name, value in terms.items():
+            weights = info.scorer.regularization_weights()
+            for name, value in capture.penalty_terms.items():
                 weight = overrides.get(name) if overrides.get(name) is not None else weights.get(name, 0.0)
                 if weight:
                     term = weight * value.float()
@@ -306,7 +325,7 @@ class MoERouterTrainer(Trainer):
             z = torch.stack([M.z_loss(c.logits_TE, m, validate=False) for c, m in pairs]).mean()
             total = z_weight * z if total is None else total + z_weight * z
         if mode == "train":
-            penalty = self._parameter_penalty()
+            penalty = self._parameter_penalty(captures)
             if penalty is not None:
                 window.reg_loss_sum += float(penalty.detach())
                 window.reg_count += 1
@@ -449,13 +468,23 @@ class MoERouterTrainer(Trainer):
         values = torch.full((len(names), len(self.routers)), float("nan"), dtype=torch.float64)
         generator = torch.Generator().manual_seed(self.args.seed + self.state.global_step)
         for i, info in enumerate(self.routers):
-            matrix = info.gate_matrix().float()
-            values[0, i] = float(M.spectral_norm(matrix))
-            values[1, i] = float(M.stable_rank(matrix))
+            capture, mask = window.last[i], window.last_masks[i]
+            # Prefer what the scorer saw inside forward (PEFT deltas included).
+            matrix = (
+                capture.routing_matrix
+                if capture is not None and capture.routing_matrix is not None
+                else info.gate_matrix()
+            )
+            rows = (
+                capture.expert_rows
+                if capture is not None and capture.expert_rows is not None
+                else info.expert_rows()
+            )
+            values[0, i] = float(M.spectral_norm(matrix.float()))
+            values[1, i] = float(M.stable_rank(matrix.float()))
             values[7, i] = float(info.lipschitz_bound())
             values[2, i] = values[7, i]  # replaced by the bound on observed inputs when there are some
-            values[5, i] = float(M.angular_concentration(info.expert_rows().float()))
-            capture, mask = window.last[i], window.last_masks[i]
+            values[5, i] = float(M.angular_concentration(rows.float()))
             if capture is None:
                 continue
             x_TH = capture.inputs_TH if mask is None else capture.inputs_TH[mask.to(capture.inputs_TH.device)]
