@@ -8,6 +8,7 @@ Importing the package registers the routed model types (``routed_mixtral``, ``ro
 ``routed_qwen3_moe``, ``routed_olmoe``, ``routed_switch_transformers``) with the Auto classes.
 """
 
+from .kernels import register_experts_implementation
 from .modeling import (
     RoutedMixtralConfig,
     RoutedMixtralForCausalLM,
@@ -38,6 +39,9 @@ from .routers import (
 
 __version__ = "0.1.0"
 
+# Makes `experts_implementation="hf_moe_routers"` available to every transformers MoE model.
+register_experts_implementation()
+
 __all__ = [
     "CosineRouterConfig",
     "L2RConfig",
@@ -64,6 +68,7 @@ __all__ = [
     "distill_router",
     "drop_reference_gates",
     "patch_moe_routers",
+    "register_experts_implementation",
     "routing_agreement",
     "supported_families",
 ]

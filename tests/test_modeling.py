@@ -173,3 +173,24 @@ def test_routed_config_json_round_trip():
     restored = H.RoutedQwen2MoeConfig.from_dict(json.loads(config.to_json_string()))
     assert restored.router_config == ROUTERS["l2r"]
     assert restored.model_type == "routed_qwen2_moe"
+
+
+def test_routed_models_default_to_our_kernel_on_cuda_with_triton(monkeypatch):
+    import hf_moe_routers.kernels.experts as kernel_experts
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernel_experts, "triton_available", lambda: True)
+    model = auto_class("mixtral").from_config(routed_config("mixtral", ROUTERS["l2r"]))
+    assert model.config._experts_implementation == "hf_moe_routers"
+    explicit = auto_class("mixtral").from_config(
+        routed_config("mixtral", ROUTERS["l2r"]), experts_implementation="eager"
+    )
+    assert explicit.config._experts_implementation == "eager"
+    # our experts implementation gives the eager result (on CPU it runs its torch path)
+    inputs = model_inputs("mixtral")
+    explicit.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, explicit(**inputs).logits, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(kernel_experts, "triton_available", lambda: False)  # CUDA without Triton: fall back
+    fallback = auto_class("mixtral").from_config(routed_config("mixtral", ROUTERS["l2r"]))
+    assert fallback.config._experts_implementation == "grouped_mm"

@@ -239,6 +239,18 @@ class RoutedPreTrainedMixin:
             return True
         return super()._can_set_experts_implementation()  # type: ignore[misc]
 
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """Default to our dispatch kernel (``"hf_moe_routers"``) where it runs on CUDA with Triton;
+        elsewhere transformers' own default (``grouped_mm``). An explicit request always wins, and a
+        CUDA machine without Triton logs the fallback once."""
+        if requested_experts is None and self._host_uses_experts_interface and torch.cuda.is_available():
+            from ..kernels import preferred_experts_implementation
+
+            preferred = preferred_experts_implementation("cuda")
+            if preferred is not None:
+                return preferred
+        return super().get_correct_experts_implementation(requested_experts)  # type: ignore[misc]
+
     def routed_routers(self) -> list[tuple[str, nn.Module]]:
         """``(name, router)`` for every routed router of the model, in module order."""
         return [(n, m) for n, m in self.named_modules() if isinstance(m, RoutedRouterMixin)]  # type: ignore[attr-defined]
