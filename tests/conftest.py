@@ -9,6 +9,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 from transformers import (
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    GptOssConfig,
+    GptOssForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
     OlmoeConfig,
@@ -73,6 +77,36 @@ def tiny_config(family: str, **overrides):
             bos_token_id=None,
         )
         return OlmoeConfig(**{**kwargs, **overrides})
+    if family == "deepseek_v3":
+        kwargs = dict(
+            _COMMON,
+            num_key_value_heads=4,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            n_group=2,
+            topk_group=1,
+            num_experts_per_tok=2,
+            first_k_dense_replace=1,
+            kv_lora_rank=8,
+            q_lora_rank=16,
+            qk_rope_head_dim=4,
+            v_head_dim=8,
+            qk_nope_head_dim=4,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        )
+        return DeepseekV3Config(**{**kwargs, **overrides})
+    if family == "gpt_oss":
+        kwargs = dict(
+            _COMMON,
+            intermediate_size=32,
+            head_dim=8,
+            num_local_experts=EXPERTS,
+            num_experts_per_tok=2,
+            sliding_window=8,
+        )
+        return GptOssConfig(**{**kwargs, **overrides})
     if family == "switch_transformers":
         kwargs = dict(
             vocab_size=VOCAB,
@@ -99,9 +133,14 @@ MODEL_CLASSES = {
     "qwen3_moe": Qwen3MoeForCausalLM,
     "olmoe": OlmoeForCausalLM,
     "switch_transformers": SwitchTransformersForConditionalGeneration,
+    "deepseek_v3": DeepseekV3ForCausalLM,
+    "gpt_oss": GptOssForCausalLM,
 }
-FAMILIES = tuple(MODEL_CLASSES)
+# The five families of the foundation issue run through every parametrised test; the two further
+# ones (sigmoid group-limited and top-k-then-softmax routers) have their own test module.
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "switch_transformers")
 CAUSAL_FAMILIES = FAMILIES[:-1]
+EXTRA_FAMILIES = ("deepseek_v3", "gpt_oss")
 
 
 def tiny_model(family: str, seed: int = 0, gate_std: float | None = 0.3, **overrides):
@@ -112,7 +151,7 @@ def tiny_model(family: str, seed: int = 0, gate_std: float | None = 0.3, **overr
     if gate_std is not None:
         with torch.no_grad():
             for name, param in model.named_parameters():
-                if name.endswith("gate.weight") or name.endswith("router.classifier.weight"):
+                if name.endswith(("gate.weight", "router.classifier.weight", "mlp.router.weight")):
                     param.normal_(0.0, gate_std)
     return model
 

@@ -23,6 +23,20 @@ from .base import (
     family_for_model,
     supported_families,
 )
+from .deepseek_v3 import (
+    RoutedDeepseekV3Config,
+    RoutedDeepseekV3ForCausalLM,
+    RoutedDeepseekV3Model,
+    RoutedDeepseekV3PreTrainedModel,
+    RoutedDeepseekV3TopkRouter,
+)
+from .gpt_oss import (
+    RoutedGptOssConfig,
+    RoutedGptOssForCausalLM,
+    RoutedGptOssModel,
+    RoutedGptOssPreTrainedModel,
+    RoutedGptOssTopKRouter,
+)
 from .mixtral import (
     RoutedMixtralConfig,
     RoutedMixtralForCausalLM,
@@ -66,6 +80,8 @@ _CAUSAL_LM = (
     (RoutedQwen2MoeConfig, RoutedQwen2MoeModel, RoutedQwen2MoeForCausalLM),
     (RoutedQwen3MoeConfig, RoutedQwen3MoeModel, RoutedQwen3MoeForCausalLM),
     (RoutedOlmoeConfig, RoutedOlmoeModel, RoutedOlmoeForCausalLM),
+    (RoutedDeepseekV3Config, RoutedDeepseekV3Model, RoutedDeepseekV3ForCausalLM),
+    (RoutedGptOssConfig, RoutedGptOssModel, RoutedGptOssForCausalLM),
 )
 
 
@@ -93,6 +109,16 @@ register_auto_classes()
 
 __all__ = [
     "FAMILIES",
+    "RoutedDeepseekV3Config",
+    "RoutedDeepseekV3ForCausalLM",
+    "RoutedDeepseekV3Model",
+    "RoutedDeepseekV3PreTrainedModel",
+    "RoutedDeepseekV3TopkRouter",
+    "RoutedGptOssConfig",
+    "RoutedGptOssForCausalLM",
+    "RoutedGptOssModel",
+    "RoutedGptOssPreTrainedModel",
+    "RoutedGptOssTopKRouter",
     "FamilyAdapter",
     "RoutedConfigMixin",
     "RoutedMixtralConfig",
