@@ -251,6 +251,23 @@ class RoutedPreTrainedMixin:
                 return preferred
         return super().get_correct_experts_implementation(requested_experts)  # type: ignore[misc]
 
+    def save_pretrained(self, save_directory, *args, **kwargs):  # noqa: ANN001, ANN201 - transformers' signature
+        """``PreTrainedModel.save_pretrained``, plus the files that make the folder publishable:
+        self-contained remote code (``auto_map``) and a model card (see ``hf_moe_routers.hub``)."""
+        super().save_pretrained(save_directory, *args, **kwargs)  # type: ignore[misc]
+        if kwargs.get("is_main_process", True):
+            from ..hub import write_hub_files  # late: hf_moe_routers.hub imports the modeling
+
+            write_hub_files(self, save_directory)
+
+    def push_to_hub(self, repo_id, **kwargs):  # noqa: ANN001, ANN201 - transformers' signature
+        """Upload weights, config with ``auto_map``, remote code, card and plots."""
+        from ..hub import push_routed_to_hub
+
+        if push_routed_to_hub is None:  # remote code: transformers' own upload
+            return super().push_to_hub(repo_id, **kwargs)  # type: ignore[misc]
+        return push_routed_to_hub(self, repo_id, **kwargs)
+
     def routed_routers(self) -> list[tuple[str, nn.Module]]:
         """``(name, router)`` for every routed router of the model, in module order."""
         return [(n, m) for n, m in self.named_modules() if isinstance(m, RoutedRouterMixin)]  # type: ignore[attr-defined]

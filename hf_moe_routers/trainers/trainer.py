@@ -175,6 +175,13 @@ class MoERouterTrainer(Trainer):
             or self.compute_loss_func is not None
         )
 
+    def create_model_card(self, **kwargs: Any) -> None:
+        """A routed-model card (router config, routing-metric table, plots, citations) in
+        ``output_dir``; ``Trainer.push_to_hub`` calls it before uploading."""
+        from ..hub import write_trainer_model_card
+
+        write_trainer_model_card(self, **kwargs)
+
     # ------------------------------------------------------------------------------------------
     # checkpoints
     # ------------------------------------------------------------------------------------------
