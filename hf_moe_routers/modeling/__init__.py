@@ -74,6 +74,7 @@ from .switch_transformers import (
     RoutedSwitchTransformersStack,
     RoutedSwitchTransformersTop1Router,
 )
+from .vision import MoEImageClassifier, MoEImageClassifierConfig, register_vision_auto_classes
 
 _CAUSAL_LM = (
     (RoutedMixtralConfig, RoutedMixtralModel, RoutedMixtralForCausalLM),
@@ -106,8 +107,12 @@ def register_auto_classes() -> None:
 
 
 register_auto_classes()
+register_vision_auto_classes()
 
 __all__ = [
+    "MoEImageClassifier",
+    "MoEImageClassifierConfig",
+    "register_vision_auto_classes",
     "FAMILIES",
     "RoutedDeepseekV3Config",
     "RoutedDeepseekV3ForCausalLM",
