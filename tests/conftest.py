@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Remote-code tests write dynamic modules; a private cache keeps concurrent test runs (and the
+# user's own ~/.cache) from seeing each other's half-written files. Set before transformers loads.
+if "HF_MODULES_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="hf_moe_routers_modules_")
 
 import pytest
 import torch

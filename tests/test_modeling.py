@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -109,7 +110,11 @@ def test_fresh_process_loads_every_family_identically(tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        env={
+            "HF_HUB_OFFLINE": "1",
+            "PATH": "/usr/bin:/bin",
+            "HF_MODULES_CACHE": os.environ["HF_MODULES_CACHE"],
+        },
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("ok ") == len(FAMILIES)

@@ -72,6 +72,18 @@ def _override(spec: object, args: argparse.Namespace, fields: dict[str, str]) ->
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    # The thread count is process-wide: restore it, so that a caller (a test session, a notebook)
+    # keeps computing with the threads it had — results can differ in the last bit otherwise.
+    previous_threads = torch.get_num_threads()
+    try:
+        return _main(argv)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
