@@ -141,6 +141,27 @@ class RouterConfig:
         return cls(**data)
 
     @staticmethod
+    def from_json_kwargs(
+        router_type: str, router_kwargs: str, defaults: dict[str, Any] | None = None
+    ) -> RouterConfig:
+        """The config of ``router_type`` from a JSON object of its fields (command-line flags);
+        ``defaults`` fill fields the JSON leaves out."""
+        if router_type not in _CONFIG_REGISTRY:
+            raise ValueError(
+                f"router_type must be one of {', '.join(repr(t) for t in sorted(_CONFIG_REGISTRY))}; "
+                f"got {router_type!r}."
+            )
+        try:
+            kwargs = json.loads(router_kwargs)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"router_kwargs must be a JSON object; got {router_kwargs!r} ({error})."
+            ) from None
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"router_kwargs must be a JSON object; got {router_kwargs!r}.")
+        return RouterConfig.from_dict({"router_type": router_type, **(defaults or {}), **kwargs})
+
+    @staticmethod
     def registered_types() -> tuple[str, ...]:
         return tuple(sorted(_CONFIG_REGISTRY))
 

@@ -57,23 +57,12 @@ class ModelArguments:
     )
 
     def router_config(self) -> RouterConfig:
-        if self.router_type not in ROUTER_TYPES:
-            raise ValueError(
-                f"router_type must be one of {', '.join(map(repr, ROUTER_TYPES))}; got {self.router_type!r}."
-            )
-        try:
-            kwargs = json.loads(self.router_kwargs)
-        except json.JSONDecodeError as error:
-            raise ValueError(
-                f"router_kwargs must be a JSON object; got {self.router_kwargs!r} ({error})."
-            ) from None
-        if not isinstance(kwargs, dict):
-            raise ValueError(f"router_kwargs must be a JSON object; got {self.router_kwargs!r}.")
+        defaults = {}  # tiny-model sizes unless the flags say otherwise
         if self.router_type == "l2r":
-            kwargs = {"rank": min(16, self.hidden_size), "num_anchors": 4, **kwargs}  # tiny-model defaults
-        if self.router_type == "cosine":
-            kwargs = {"dim": min(16, self.hidden_size), **kwargs}
-        return RouterConfig.from_dict({"router_type": self.router_type, **kwargs})
+            defaults = {"rank": min(16, self.hidden_size), "num_anchors": 4}
+        elif self.router_type == "cosine":
+            defaults = {"dim": min(16, self.hidden_size)}
+        return RouterConfig.from_json_kwargs(self.router_type, self.router_kwargs, defaults)
 
 
 @dataclasses.dataclass
@@ -264,7 +253,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if trainer.is_world_process_zero():
         output = Path(training_args.output_dir)
         output.mkdir(parents=True, exist_ok=True)
-        (output / "routing_metrics.json").write_text(json.dumps(_finite(metrics), indent=2, sort_keys=True))
+        (output / "routing_metrics.json").write_text(
+            json.dumps(finite_for_json(metrics), indent=2, sort_keys=True)
+        )
         trainer.routing_history.save(output / "routing_history.json")
         print(summary_table(metrics, model_args.router_type))
         print(
@@ -274,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return metrics
 
 
-def _finite(metrics: dict[str, float]) -> dict[str, Any]:
+def finite_for_json(metrics: dict[str, float]) -> dict[str, Any]:
     """JSON has no inf/NaN: write them as strings."""
     return {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in metrics.items()}
 

@@ -26,7 +26,14 @@ from ..modeling.base import RoutedRouterMixin
 from ..patching import distill_router, patch_moe_routers
 from ..routers import RouterConfig
 from .arguments import MoERouterTrainingArguments
-from .clm import ROUTER_TYPES, DataArguments, default_training_arguments, load_corpus, summary_table
+from .clm import (
+    ROUTER_TYPES,
+    DataArguments,
+    default_training_arguments,
+    finite_for_json,
+    load_corpus,
+    summary_table,
+)
 from .trainer import MoERouterTrainer
 
 
@@ -48,17 +55,7 @@ class PatchArguments:
     distill_lr: float = 1e-2
 
     def router_config(self) -> RouterConfig:
-        if self.router_type not in ROUTER_TYPES:
-            raise ValueError(
-                f"router_type must be one of {', '.join(map(repr, ROUTER_TYPES))}; got {self.router_type!r}."
-            )
-        try:
-            kwargs = json.loads(self.router_kwargs)
-        except json.JSONDecodeError as error:
-            raise ValueError(
-                f"router_kwargs must be a JSON object; got {self.router_kwargs!r} ({error})."
-            ) from None
-        return RouterConfig.from_dict({"router_type": self.router_type, **kwargs})
+        return RouterConfig.from_json_kwargs(self.router_type, self.router_kwargs)
 
 
 def _tokenizer(path: str, texts: list[str], vocab_size: int):
@@ -134,10 +131,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tokenizer.save_pretrained(training_args.output_dir)
     if trainer.is_world_process_zero():
         output = Path(training_args.output_dir)
-        clean = {
-            k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in metrics.items()
-        }
-        (output / "routing_metrics.json").write_text(json.dumps(clean, indent=2, sort_keys=True))
+        (output / "routing_metrics.json").write_text(
+            json.dumps(finite_for_json(metrics), indent=2, sort_keys=True)
+        )
         trainer.routing_history.save(output / "routing_history.json")
         print(summary_table(metrics, patch_args.router_type))
         print(f"saved to {os.path.abspath(output)}")

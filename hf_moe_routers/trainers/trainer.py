@@ -62,10 +62,12 @@ class _Window:
 
     def __init__(self, num_layers: int, num_experts: list[int]):
         self.num_layers = num_layers
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts = torch.zeros(num_layers, dtype=torch.float64)
+        # Sums stay on the device the router outputs live on until the window is logged: reading
+        # them back per micro-batch would add a host sync per metric and layer to every step.
+        self.sums_ML: torch.Tensor | None = None
+        self.counts = torch.zeros(num_layers, dtype=torch.float64)  # host-side: plain increments
         self.loads = [torch.zeros(e, dtype=torch.float64) for e in num_experts]
-        self.reg_loss_sum = 0.0
+        self.reg_loss_sum: torch.Tensor | float = 0.0
         self.reg_count = 0
         self.last: list[RouterCapture | None] = [None] * num_layers
         self.last_masks: list[torch.Tensor | None] = [None] * num_layers
@@ -334,7 +336,7 @@ class MoERouterTrainer(Trainer):
         if mode == "train":
             penalty = self._parameter_penalty(captures)
             if penalty is not None:
-                window.reg_loss_sum += float(penalty.detach())
+                window.reg_loss_sum = window.reg_loss_sum + penalty.detach().double()
                 window.reg_count += 1
                 total = penalty if total is None else total + penalty
         return total
@@ -348,23 +350,23 @@ class MoERouterTrainer(Trainer):
             if capture is None:
                 continue
             logits, indices = capture.logits_TE.detach(), capture.indices_TK
-            values = {
-                "token_entropy": M.token_entropy(logits, mask),
-                "top1_prob": M.top1_prob(logits, mask),
-                "kth_margin": M.kth_margin(logits, self.routers[i].top_k, mask),
-                "aux_loss": M.load_balance_loss(
+            values = [  # in WINDOW_METRICS order
+                M.token_entropy(logits, mask),
+                M.top1_prob(logits, mask),
+                M.kth_margin(logits, self.routers[i].top_k, mask),
+                M.load_balance_loss(
                     logits, indices, mask, probs=self._probs(logits, indices), validate=False
                 ),
-                "z_loss": M.z_loss(logits, mask, validate=False),
-            }
-            for name, value in values.items():
-                if name not in window.sums:
-                    window.sums[name] = torch.zeros(window.num_layers, dtype=torch.float64)
-                window.sums[name][i] += float(value)
+                M.z_loss(logits, mask, validate=False),
+            ]
+            dtype = torch.float32 if logits.device.type == "mps" else torch.float64
+            stacked = torch.stack([v.to(device=logits.device, dtype=dtype) for v in values])
+            if window.sums_ML is None:
+                window.sums_ML = stacked.new_zeros(len(WINDOW_METRICS), window.num_layers)
+            window.sums_ML[:, i] += stacked
             window.counts[i] += 1
-            window.loads[i] += M.expert_counts(
-                indices, self.routers[i].num_experts, mask, dtype=torch.float64
-            ).cpu()
+            counts_E = M.expert_counts(indices, self.routers[i].num_experts, mask, dtype=dtype)
+            window.loads[i] = window.loads[i].to(counts_E.device, dtype) + counts_E
             window.last[i] = capture
             window.last_masks[i] = mask
 
@@ -399,19 +401,22 @@ class MoERouterTrainer(Trainer):
 
     def _window_logs(self, window: _Window, costly: bool, mode: str) -> dict[str, float]:
         names = list(WINDOW_METRICS)
-        sums = torch.stack(
-            [window.sums.get(n, torch.zeros(window.num_layers, dtype=torch.float64)) for n in names]
+        sums = (
+            window.sums_ML.cpu().double()
+            if window.sums_ML is not None
+            else torch.zeros(len(names), window.num_layers, dtype=torch.float64)
         )
-        widths = [len(v) for v in window.loads]
+        local_loads = [v.cpu().double() for v in window.loads]
+        widths = [len(v) for v in local_loads]
         packed = torch.cat(
             [
                 sums.reshape(-1),
                 window.counts,
-                torch.cat(window.loads),
-                torch.tensor([window.reg_loss_sum, float(window.reg_count)], dtype=torch.float64),
+                torch.cat(local_loads),
+                torch.tensor([float(window.reg_loss_sum), float(window.reg_count)], dtype=torch.float64),
             ]
         )
-        self.last_local_window = {"counts": window.counts.clone(), "loads": [v.clone() for v in window.loads]}
+        self.last_local_window = {"counts": window.counts.clone(), "loads": local_loads}
         packed = self._reduce_sum(packed)
         num_layers = window.num_layers
         sums = packed[: len(names) * num_layers].reshape(len(names), num_layers)
