@@ -4,11 +4,11 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from conftest import RandomTokens, tiny_model
 
 import hf_moe_routers as H
 from hf_moe_routers.trainers import MoERouterTrainer, MoERouterTrainingArguments
+from hf_moe_routers.trainers.launch import end_distributed
 
 output = Path(sys.argv[1])
 model = H.patch_moe_routers(tiny_model("mixtral"), H.SRMoEConfig())
@@ -39,4 +39,4 @@ local = trainer.last_local_window
 )
 if trainer.is_world_process_zero():
     (output / "log_history.json").write_text(json.dumps(trainer.state.log_history))
-torch.distributed.barrier() if torch.distributed.is_initialized() else None
+end_distributed()  # without it gloo can abort the process at exit

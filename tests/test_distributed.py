@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from hf_moe_routers import metrics as M
+from hf_moe_routers.trainers.launch import ends_distributed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_two_process_run_reduces_router_metrics_across_ranks(tmp_path):
@@ -25,7 +34,7 @@ def test_two_process_run_reduces_router_metrics_across_ranks(tmp_path):
         "--config_file",
         str(config),
         "--main_process_port",
-        "29531",
+        str(_free_port()),
         str(here / "distributed_train.py"),
         str(tmp_path),
     ]
@@ -46,3 +55,25 @@ def test_two_process_run_reduces_router_metrics_across_ranks(tmp_path):
         alone = float(M.load_entropy(local[0] / local[0].sum()))
         assert abs(alone - expected) > 1e-6
     assert sum(r["counts"][0] for r in ranks) == 4  # 2 micro-batches per rank over the window
+
+
+@pytest.mark.parametrize("raises", [False, True])
+def test_script_entry_points_destroy_the_process_group(tmp_path, raises):
+    # Leaving a gloo group alive until interpreter exit can abort the process (SIGABRT).
+    if dist.is_initialized():
+        pytest.skip("a process group is already up in this process")
+
+    @ends_distributed
+    def main() -> int:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        assert dist.is_initialized()
+        if raises:
+            raise RuntimeError("boom")
+        return 7
+
+    if raises:
+        with pytest.raises(RuntimeError, match="boom"):
+            main()
+    else:
+        assert main() == 7
+    assert not dist.is_initialized()

@@ -27,6 +27,7 @@ from .. import data_utils
 from ..modeling import FAMILIES
 from ..routers import RouterConfig
 from .arguments import MoERouterTrainingArguments
+from .launch import ends_distributed
 from .trainer import MoERouterTrainer
 
 ARCHITECTURES = ("olmoe", "mixtral", "qwen3_moe", "qwen2_moe")
@@ -214,6 +215,7 @@ def summary_table(metrics: dict[str, float], router: str) -> str:
     return "\n".join(lines)
 
 
+@ends_distributed
 def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args = parse_args(argv)
     set_seed(training_args.seed)

@@ -34,6 +34,7 @@ from .clm import (
     load_corpus,
     summary_table,
 )
+from .launch import ends_distributed
 from .trainer import MoERouterTrainer
 
 
@@ -68,6 +69,7 @@ def _tokenizer(path: str, texts: list[str], vocab_size: int):
     return data_utils.train_bpe_tokenizer(texts, vocab_size=vocab_size)
 
 
+@ends_distributed
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = HfArgumentParser((PatchArguments, DataArguments, MoERouterTrainingArguments))
     defaults = default_training_arguments("outputs/finetune_patched")

@@ -25,6 +25,7 @@ from ..patching import patch_moe_routers
 from .arguments import MoERouterTrainingArguments
 from .clm import DataArguments, default_training_arguments, load_corpus
 from .finetune import PatchArguments, _tokenizer
+from .launch import ends_distributed
 from .trainer import MoERouterTrainer
 
 #: Where each family keeps its fused experts and its router, relative to a decoder layer.
@@ -61,6 +62,7 @@ def lora_config(args: LoraArguments) -> Any:
     )
 
 
+@ends_distributed
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from peft import get_peft_model
 
