@@ -25,9 +25,14 @@ _BLOCK_N_METADATA = 128
 _BLOCK_C_SCAN = 64
 
 
-def _block_h(hidden: int) -> int:
+def _block_h(hidden: int, itemsize: int = 2) -> int:
+    """Columns per program of the copy kernels: 512 bytes of a row (256 bf16, 128 fp32).
+
+    The permute and combine loops are unrolled over K, so K row tiles are in flight at once; at
+    K = 8 a 1 KiB fp32 row tile makes ptxas spill (``benchmarks/kernel_resources.py``).
+    """
     # Under the interpreter every program costs milliseconds, so use one wide tile per row block.
-    cap = 1024 if triton_interpreting() else 256
+    cap = 1024 if triton_interpreting() else 512 // itemsize
     return min(cap, triton.next_power_of_2(hidden))
 
 
@@ -36,6 +41,25 @@ def _block_t_token_owned(num_tokens: int) -> int:
     if triton_interpreting() or num_tokens >= 8192:
         return _BLOCK_T_COPY
     return 4
+
+
+def _block_t_topk(num_experts: int, *, backward: bool) -> int:
+    """Rows per program of the top-k kernels, from the padded expert count.
+
+    The backward keeps three [BLOCK_T, BLOCK_E] fp32 tiles live across K unrolled slots: at 16 rows
+    and E = 128 ptxas needs 255 registers and spills to the stack (``benchmarks/kernel_resources.py``),
+    so it takes 512 / BLOCK_E rows; the forward fits 2048-element tiles without spilling.
+    """
+    block_e = triton.next_power_of_2(num_experts)
+    return max(1, min(16, (512 if backward else 2048) // block_e))
+
+
+def _block_h_combine_backward(hidden: int, itemsize: int) -> int:
+    """Columns per step of the combine backward: 256 bytes of a row (it holds grad_out and K rows of
+    y); 512 bytes leave it at 255 registers at K = 8 and spilling in fp32."""
+    if triton_interpreting():
+        return _block_h(hidden)
+    return min(256 // itemsize, triton.next_power_of_2(hidden))
 
 
 def _acc(*tensors: torch.Tensor) -> tl.dtype:
@@ -66,7 +90,7 @@ def topk_softmax_op(
     if num_tokens == 0:
         return weights_TK, index_TK
     block_e = triton.next_power_of_2(num_experts)
-    block_t = max(1, min(16, 4096 // block_e))
+    block_t = _block_t_topk(num_experts, backward=False)
     kernels.topk_softmax_fwd_kernel[(triton.cdiv(num_tokens, block_t),)](
         logits_TE, weights_TK, index_TK, num_tokens, num_experts, logits_TE.stride(0), logits_TE.stride(1),
         K=top_k, RENORMALIZE=renormalize, ACC=_acc(logits_TE), BLOCK_T=block_t, BLOCK_E=block_e,
@@ -97,7 +121,7 @@ def topk_softmax_backward_op(
     if num_tokens == 0:
         return grad_logits_TE
     block_e = triton.next_power_of_2(num_experts)
-    block_t = max(1, min(16, 4096 // block_e))
+    block_t = _block_t_topk(num_experts, backward=True)
     kernels.topk_softmax_bwd_kernel[(triton.cdiv(num_tokens, block_t),)](
         logits_TE, weights_TK.contiguous(), index_TK.contiguous(), grad_weights_TK.contiguous(), grad_logits_TE,
         num_tokens, num_experts, logits_TE.stride(0), logits_TE.stride(1),
@@ -202,7 +226,7 @@ def _gather_sum(
     out_TH = torch.empty(num_tokens, hidden, dtype=rows_NH.dtype, device=rows_NH.device)
     if num_tokens == 0 or hidden == 0:
         return out_TH.zero_()
-    block_h = _block_h(hidden)
+    block_h = _block_h(hidden, rows_NH.element_size())
     grid = (triton.cdiv(num_tokens, _BLOCK_T_COPY), triton.cdiv(hidden, block_h))
     operands = [rows_NH] if weights_TK is None else [rows_NH, weights_TK]
     kernels.combine_kernel[grid](
@@ -222,7 +246,7 @@ def permute_op(
     out_NH = torch.empty(num_tokens * top_k, hidden, dtype=x_TH.dtype, device=x_TH.device)
     if num_tokens == 0 or hidden == 0:
         return out_NH
-    block_h = _block_h(hidden)
+    block_h = _block_h(hidden, x_TH.element_size())
     grid = (triton.cdiv(num_tokens, _BLOCK_T_COPY), triton.cdiv(hidden, block_h))
     kernels.permute_kernel[grid](
         x_TH, pos_of_pair_N, offsets_E1, out_NH, num_tokens, hidden, offsets_E1.shape[0] - 1,
@@ -303,7 +327,7 @@ def combine_backward_op(
         grad_out_TH, y_NH, weights_TK.contiguous(), pos_of_pair_N, offsets_E1, grad_y_NH, grad_weights_TK,
         num_tokens, hidden, offsets_E1.shape[0] - 1, grad_out_TH.stride(0), grad_out_TH.stride(1),
         y_NH.stride(0), y_NH.stride(1), K=top_k, ACC=_acc(grad_out_TH, y_NH, weights_TK), BLOCK_T=block_t,
-        BLOCK_H=_block_h(hidden),
+        BLOCK_H=_block_h_combine_backward(hidden, y_NH.element_size()),
         BLOCK_K=triton.next_power_of_2(top_k),
     )  # fmt: skip
     return grad_y_NH, grad_weights_TK
