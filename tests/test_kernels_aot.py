@@ -30,7 +30,7 @@ DTYPES = ["bfloat16", "float16", "float32"]
 
 
 @pytest.fixture(scope="module")
-def compiled() -> list[dict]:
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     script = textwrap.dedent(
         f"""
         import json, torch
@@ -48,6 +48,7 @@ def compiled() -> list[dict]:
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # silences Triton 3.9's notice; fusion is its default
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))  # CI's home may be read-only
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600
     )
