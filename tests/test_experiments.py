@@ -225,6 +225,21 @@ def test_quick_vision_commands_write_json_markdown_and_plots(tmp_path, experimen
         assert "Selected lr" in markdown
 
 
+def test_no_residual_ablation_reaches_the_model_and_the_report(tmp_path):
+    pytest.importorskip("sklearn")
+    from hf_moe_routers.experiments.__main__ import main
+
+    assert main(["interference", "--quick", "--no-residual", "--output-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "quick_interference.json").read_text())
+    assert result["spec"]["settings"]["residual"] is False
+    assert "without residual connections" in (tmp_path / "quick_interference.md").read_text()
+    # and it reaches the network: the same seed without the flag trains a different model
+    assert main(["interference", "--quick", "--output-dir", str(tmp_path / "default")]) == 0
+    default = json.loads((tmp_path / "default" / "quick_interference.json").read_text())
+    assert default["spec"]["settings"]["residual"] is True
+    assert [c["pre_accuracy"] for c in default["cells"]] != [c["pre_accuracy"] for c in result["cells"]]
+
+
 def test_quick_lm_command_uses_the_trainer_script(tmp_path):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")

@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("interference", "sensitivity"):
             p.add_argument("--routers", nargs="+", default=None, help="Subset of router presets.")
             p.add_argument("--episodes-per-class", type=int, default=None)
+            p.add_argument(
+                "--no-residual",
+                action="store_true",
+                help="Ablation: stack the MoE stages without residual connections (the paper's literal "
+                "architecture); pair it with --output-dir so the default results are kept.",
+            )
         if name == "interference":
             p.add_argument("--datasets", nargs="+", default=None, choices=("digits", "mnist1d"))
             p.add_argument("--depths", type=int, nargs="+", default=None)
@@ -69,6 +75,12 @@ def _override(spec: object, args: argparse.Namespace, fields: dict[str, str]) ->
         if value is not None:
             changes[field] = tuple(value) if isinstance(value, list) else value
     return dataclasses.replace(spec, **changes) if changes else spec
+
+
+def _without_residual(spec: object, args: argparse.Namespace) -> object:
+    if not getattr(args, "no_residual", False):
+        return spec
+    return dataclasses.replace(spec, settings=spec.settings.replace(residual=False))  # type: ignore[attr-defined]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +116,7 @@ def _main(argv: list[str] | None) -> int:
 
         spec = quick_spec() if args.quick else InterferenceSpec()
         spec = _override(spec, args, {**common, "datasets": "datasets", "depths": "depths"})
+        spec = _without_residual(spec, args)
         run_interference(spec, out_dir, command=command, prefix=prefix)
         files = ["interference.json", "interference.md"]
     elif args.experiment == "sensitivity":
@@ -111,6 +124,7 @@ def _main(argv: list[str] | None) -> int:
 
         spec = quick_sensitivity_spec() if args.quick else SensitivitySpec()
         spec = _override(spec, args, {**common, "dataset": "dataset", "depth": "depth"})
+        spec = _without_residual(spec, args)
         run_sensitivity(spec, out_dir, command=command, prefix=prefix)
         files = ["sensitivity.json", "sensitivity.md"]
     else:

@@ -182,7 +182,12 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{result['environment']['torch_threads']} thread(s)). Seeds {list(spec['seeds'])}, "
         f"{spec['episodes_per_class']} one-shot episodes per held-out class and seed, evaluated on the "
         f"`{spec['eval_split']}` split. Budgets, the same for every router: {steps} SGD steps on the selected "
-        f"expert of each stage at lr {' and lr '.join(f'{lr:g}' for lr in lrs)} (the same episodes under both).",
+        f"expert of each stage at lr {' and lr '.join(f'{lr:g}' for lr in lrs)} (the same episodes under both). "
+        + (
+            "MoE stages are residual (the default)."
+            if spec["settings"].get("residual", True)
+            else "**Ablation: MoE stages without residual connections** (`--no-residual`)."
+        ),
         "",
         "Interference = base-class accuracy after − before (pp; negative = forgetting), mean over seeds "
         "± std over seeds [std over all episodes]. Pre-acc = 8-way base accuracy before adaptation (%). "
