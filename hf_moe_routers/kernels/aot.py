@@ -78,7 +78,10 @@ class KernelResources:
     spill_load_bytes: int
     stack_bytes: int
     shared_bytes: int
-    occupancy: float = field(default=0.0)
+
+    @property
+    def occupancy(self) -> float:
+        return occupancy(self.registers, self.shared_bytes, self.launch.num_warps, self.arch)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -292,11 +295,9 @@ def compile_launch(launch: KernelLaunch, arch: int = 90) -> KernelResources:
         source, target=GPUTarget("cuda", arch, 32), options={"num_warps": launch.num_warps}
     )
     report = _ptxas_report(compiled.asm["ptx"], arch)
-    shared = int(compiled.metadata.shared)
     return KernelResources(
         launch=launch,
         arch=arch,
-        shared_bytes=shared,
-        occupancy=occupancy(report["registers"], shared, launch.num_warps, arch),
+        shared_bytes=int(compiled.metadata.shared),
         **report,
     )

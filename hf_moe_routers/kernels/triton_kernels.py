@@ -46,6 +46,21 @@ _minimum = getattr(tl.standard, "_elementwise_min", _minimum_fallback)
 
 
 @triton.jit
+def _row_softmax(logits_ptr, rows_T, cols_E, row_ok_T, tile_ok, stride_t, stride_e, ACC: tl.constexpr):
+    """softmax over E of the [BLOCK_T, BLOCK_E] logits tile, in ACC; masked lanes get probability 0."""
+    logits = tl.load(
+        logits_ptr + rows_T[:, None].to(tl.int64) * stride_t + cols_E[None, :] * stride_e,
+        mask=tile_ok,
+        other=float("-inf"),
+    ).to(ACC)
+    # Rows past T are all -inf; give them a finite max and a unit sum so that no NaN is produced.
+    row_max_T = tl.where(row_ok_T, tl.reduce(logits, 1, _maximum), 0.0)
+    numer = tl.exp(logits - row_max_T[:, None])
+    denom_T = tl.where(row_ok_T, tl.reduce(numer, 1, _add), 1.0)
+    return numer / denom_T[:, None]
+
+
+@triton.jit
 def topk_softmax_fwd_kernel(
     logits_ptr,
     weights_ptr,
@@ -67,17 +82,9 @@ def topk_softmax_fwd_kernel(
     slots_K = tl.arange(0, BLOCK_K)
     row_ok_T = rows_T < T
     tile_ok = row_ok_T[:, None] & (cols_E[None, :] < E)
-    logits = tl.load(
-        logits_ptr + rows_T[:, None].to(tl.int64) * stride_logits_t + cols_E[None, :] * stride_logits_e,
-        mask=tile_ok,
-        other=float("-inf"),
-    ).to(ACC)
-    # Rows past T are all -inf; give them a finite max and a unit sum so that no NaN is produced.
-    row_max_T = tl.where(row_ok_T, tl.reduce(logits, 1, _maximum), 0.0)
-    numer = tl.exp(logits - row_max_T[:, None])
-    denom_T = tl.where(row_ok_T, tl.reduce(numer, 1, _add), 1.0)
+    probs = _row_softmax(logits_ptr, rows_T, cols_E, row_ok_T, tile_ok, stride_logits_t, stride_logits_e, ACC)
     # Probabilities are >= 0, so -1 marks padding and already-chosen experts.
-    remaining = tl.where(tile_ok, numer / denom_T[:, None], -1.0)
+    remaining = tl.where(tile_ok, probs, -1.0)
     chosen_w = tl.full((BLOCK_T, BLOCK_K), 0, ACC)
     chosen_i = tl.full((BLOCK_T, BLOCK_K), 0, tl.int32)
     for slot in tl.static_range(K):
@@ -138,15 +145,9 @@ def topk_softmax_bwd_kernel(
     if RENORMALIZE:
         scale = weight_chosen
     else:
-        logits = tl.load(
-            logits_ptr + rows_T[:, None].to(tl.int64) * stride_logits_t + cols_E[None, :] * stride_logits_e,
-            mask=tile_ok,
-            other=float("-inf"),
-        ).to(ACC)
-        row_max_T = tl.where(row_ok_T, tl.reduce(logits, 1, _maximum), 0.0)
-        numer = tl.exp(logits - row_max_T[:, None])
-        denom_T = tl.where(row_ok_T, tl.reduce(numer, 1, _add), 1.0)
-        scale = numer / denom_T[:, None]
+        scale = _row_softmax(
+            logits_ptr, rows_T, cols_E, row_ok_T, tile_ok, stride_logits_t, stride_logits_e, ACC
+        )
     grad_logits = scale * (grad_chosen - dot_T[:, None])
     tl.store(
         grad_logits_ptr + rows_T[:, None].to(tl.int64) * E + cols_E[None, :],

@@ -25,14 +25,15 @@ _BLOCK_N_METADATA = 128
 _BLOCK_C_SCAN = 64
 
 
-def _block_h(hidden: int, itemsize: int = 2) -> int:
-    """Columns per program of the copy kernels: 512 bytes of a row (256 bf16, 128 fp32).
+def _block_h(hidden: int, itemsize: int = 2, row_bytes: int = 512) -> int:
+    """Columns per program of the copy kernels: ``row_bytes`` of a row (512: 256 bf16, 128 fp32).
 
     The permute and combine loops are unrolled over K, so K row tiles are in flight at once; at
-    K = 8 a 1 KiB fp32 row tile makes ptxas spill (``benchmarks/kernel_resources.py``).
+    K = 8 a 1 KiB fp32 row tile makes ptxas spill (``benchmarks/bench_kernel_resources.py``). The
+    combine backward also holds grad_out and takes 256 bytes: 512 leave it at 255 registers.
     """
     # Under the interpreter every program costs milliseconds, so use one wide tile per row block.
-    cap = 1024 if triton_interpreting() else 512 // itemsize
+    cap = 1024 if triton_interpreting() else row_bytes // itemsize
     return min(cap, triton.next_power_of_2(hidden))
 
 
@@ -47,19 +48,11 @@ def _block_t_topk(num_experts: int, *, backward: bool) -> int:
     """Rows per program of the top-k kernels, from the padded expert count.
 
     The backward keeps three [BLOCK_T, BLOCK_E] fp32 tiles live across K unrolled slots: at 16 rows
-    and E = 128 ptxas needs 255 registers and spills to the stack (``benchmarks/kernel_resources.py``),
+    and E = 128 ptxas needs 255 registers and spills to the stack (``benchmarks/bench_kernel_resources.py``),
     so it takes 512 / BLOCK_E rows; the forward fits 2048-element tiles without spilling.
     """
     block_e = triton.next_power_of_2(num_experts)
     return max(1, min(16, (512 if backward else 2048) // block_e))
-
-
-def _block_h_combine_backward(hidden: int, itemsize: int) -> int:
-    """Columns per step of the combine backward: 256 bytes of a row (it holds grad_out and K rows of
-    y); 512 bytes leave it at 255 registers at K = 8 and spilling in fp32."""
-    if triton_interpreting():
-        return _block_h(hidden)
-    return min(256 // itemsize, triton.next_power_of_2(hidden))
 
 
 def _acc(*tensors: torch.Tensor) -> tl.dtype:
@@ -327,7 +320,7 @@ def combine_backward_op(
         grad_out_TH, y_NH, weights_TK.contiguous(), pos_of_pair_N, offsets_E1, grad_y_NH, grad_weights_TK,
         num_tokens, hidden, offsets_E1.shape[0] - 1, grad_out_TH.stride(0), grad_out_TH.stride(1),
         y_NH.stride(0), y_NH.stride(1), K=top_k, ACC=_acc(grad_out_TH, y_NH, weights_TK), BLOCK_T=block_t,
-        BLOCK_H=_block_h_combine_backward(hidden, y_NH.element_size()),
+        BLOCK_H=_block_h(hidden, y_NH.element_size(), row_bytes=256),
         BLOCK_K=triton.next_power_of_2(top_k),
     )  # fmt: skip
     return grad_y_NH, grad_weights_TK

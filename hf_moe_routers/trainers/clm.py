@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, HfArgumentParser, PreTrainedTokenizerBase, set_seed
+from transformers import AutoTokenizer, HfArgumentParser, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from .. import data_utils
 from ..modeling import FAMILIES
@@ -239,6 +239,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"{model_args.architecture} ({parameters / 1e6:.2f}M parameters), router {model.config.moe_router}; "
         f"{len(train_dataset)} training and {len(eval_dataset)} validation blocks of {data_args.block_size} tokens"
     )
+    trainer, metrics = train_and_evaluate(model, training_args, train_dataset, eval_dataset, tokenizer)
+    metrics["train_wall_seconds"] = time.perf_counter() - start
+    if save_run(trainer, tokenizer, metrics, model_args.router_type):
+        print(
+            f"saved model, tokenizer, plots and metrics to {os.path.abspath(training_args.output_dir)} "
+            f"({metrics['train_wall_seconds']:.0f} s)"
+        )
+    return metrics
+
+
+def train_and_evaluate(
+    model: PreTrainedModel,
+    training_args: MoERouterTrainingArguments,
+    train_dataset: Any,
+    eval_dataset: Any,
+    tokenizer: Any,
+) -> tuple[MoERouterTrainer, dict[str, float]]:
+    """Train (resuming when asked), evaluate, and add ``eval_perplexity`` to the metrics."""
     trainer = MoERouterTrainer(
         model=model,
         args=training_args,
@@ -249,22 +267,27 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = trainer.evaluate()
     metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
-    metrics["train_wall_seconds"] = time.perf_counter() - start
-    trainer.save_model(training_args.output_dir)
-    tokenizer.save_pretrained(training_args.output_dir)
-    if trainer.is_world_process_zero():
-        output = Path(training_args.output_dir)
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "routing_metrics.json").write_text(
-            json.dumps(finite_for_json(metrics), indent=2, sort_keys=True)
-        )
-        trainer.routing_history.save(output / "routing_history.json")
-        print(summary_table(metrics, model_args.router_type))
-        print(
-            f"saved model, tokenizer, plots and metrics to {os.path.abspath(output)} "
-            f"({metrics['train_wall_seconds']:.0f} s)"
-        )
-    return metrics
+    return trainer, metrics
+
+
+def save_run(trainer: MoERouterTrainer, tokenizer: Any, metrics: dict[str, float], router_type: str) -> bool:
+    """Save model and tokenizer to ``output_dir``; on the main process also write
+    ``routing_metrics.json`` and ``routing_history.json`` and print the summary table.
+
+    Returns whether this process is the main one (the one that wrote and printed).
+    """
+    trainer.save_model(trainer.args.output_dir)
+    tokenizer.save_pretrained(trainer.args.output_dir)
+    if not trainer.is_world_process_zero():
+        return False
+    output = Path(trainer.args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "routing_metrics.json").write_text(
+        json.dumps(finite_for_json(metrics), indent=2, sort_keys=True)
+    )
+    trainer.routing_history.save(output / "routing_history.json")
+    print(summary_table(metrics, router_type))
+    return True
 
 
 def finite_for_json(metrics: dict[str, float]) -> dict[str, Any]:

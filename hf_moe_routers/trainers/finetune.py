@@ -13,8 +13,6 @@ with ``save_pretrained`` and restored by ``AutoModelForCausalLM.from_pretrained`
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -30,12 +28,11 @@ from .clm import (
     ROUTER_TYPES,
     DataArguments,
     default_training_arguments,
-    finite_for_json,
     load_corpus,
-    summary_table,
+    save_run,
+    train_and_evaluate,
 )
 from .launch import ends_distributed
-from .trainer import MoERouterTrainer
 
 
 @dataclasses.dataclass
@@ -119,26 +116,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "after distillation:",
                 distill_router(model, calibration, steps=patch_args.distill_steps, lr=patch_args.distill_lr),
             )
-    trainer = MoERouterTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-    )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    metrics = trainer.evaluate()
-    metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
-    trainer.save_model(training_args.output_dir)
-    tokenizer.save_pretrained(training_args.output_dir)
-    if trainer.is_world_process_zero():
-        output = Path(training_args.output_dir)
-        (output / "routing_metrics.json").write_text(
-            json.dumps(finite_for_json(metrics), indent=2, sort_keys=True)
-        )
-        trainer.routing_history.save(output / "routing_history.json")
-        print(summary_table(metrics, patch_args.router_type))
-        print(f"saved to {os.path.abspath(output)}")
+    trainer, metrics = train_and_evaluate(model, training_args, train_dataset, eval_dataset, tokenizer)
+    if save_run(trainer, tokenizer, metrics, patch_args.router_type):
+        print(f"saved to {os.path.abspath(training_args.output_dir)}")
     return metrics
 
 
