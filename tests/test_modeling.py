@@ -133,13 +133,20 @@ def test_from_scratch_initialises_every_router_parameter(family, router_name):
             assert torch.isfinite(tensor).all(), name
             assert tensor.abs().max() < 50, (name, tensor.abs().max())  # torch.empty garbage is ~1e30
         if router_name == "sr_moe":
-            sigma = torch.linalg.matrix_norm(router.scorer.weight.detach(), ord=2)
-            torch.testing.assert_close(router.scorer.spectral_bound, sigma)  # c = σ at init
+            # c and the power vector are "not set" until the router first runs (so the meta-device
+            # init path gives the same buffers as __init__); then c = σ of the matrix it starts from.
+            assert float(router.scorer.spectral_bound) == 0.0 and not router.scorer.power_u.any()
         if router_name == "l2r":
             norms = router.scorer.anchors.detach().norm(dim=-1)
             torch.testing.assert_close(norms, torch.ones_like(norms))  # unit anchors at init
     out = model(**model_inputs(family), output_router_logits=True)
     assert torch.isfinite(out.logits).all()
+    if router_name == "sr_moe":
+        for router in routers:
+            matrix = router.scorer.weight.detach()
+            torch.testing.assert_close(router.scorer.spectral_bound, torch.linalg.matrix_norm(matrix, ord=2))
+            top_u = torch.linalg.svd(matrix, full_matrices=False).U[:, 0]
+            assert abs(float(router.scorer.power_u @ top_u)) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_vanilla_checkpoint_loads_into_routed_class_with_initialised_routers(tmp_path):

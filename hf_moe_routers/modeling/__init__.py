@@ -9,14 +9,13 @@ get no built-in rules; TRANSFORMERS_V5 pitfall 14). Registration is idempotent.
 from __future__ import annotations
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-from transformers.conversion_mapping import (
-    get_checkpoint_conversion_mapping,
-    register_checkpoint_conversion_mapping,
-)
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 
 from .base import (
     FAMILIES,
+    ONE_ELEMENT_PARAMETERS,
     FamilyAdapter,
+    OneElementVector,
     RoutedConfigMixin,
     RoutedPreTrainedMixin,
     RoutedRouterMixin,
@@ -98,9 +97,7 @@ def register_auto_classes() -> None:
     AutoModelForSeq2SeqLM.register(switch, RoutedSwitchTransformersForConditionalGeneration, exist_ok=True)
 
     for adapter in {id(a): a for a in FAMILIES.values()}.values():
-        mapping = get_checkpoint_conversion_mapping(adapter.host_model_type)
-        if not mapping:
-            continue
+        mapping = adapter.conversion_mapping()
         names = [adapter.routed_model_type] + [cls.__name__ for cls in adapter.model_classes.values()]
         for name in names:
             register_checkpoint_conversion_mapping(name, mapping, overwrite=True)
@@ -110,6 +107,8 @@ register_auto_classes()
 register_vision_auto_classes()
 
 __all__ = [
+    "ONE_ELEMENT_PARAMETERS",
+    "OneElementVector",
     "MoEImageClassifier",
     "MoEImageClassifierConfig",
     "register_vision_auto_classes",

@@ -16,10 +16,13 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from transformers.core_model_loading import ConversionOps
 
-from ..routers import RouterConfig, RouterScorer, build_scorer
+from ..routers import SCORERS, RouterConfig, RouterScorer, build_scorer
 
 __all__ = [
+    "ONE_ELEMENT_PARAMETERS",
+    "OneElementVector",
     "FamilyAdapter",
     "RoutedConfigMixin",
     "RoutedPreTrainedMixin",
@@ -32,6 +35,44 @@ __all__ = [
 ]
 
 DEFAULT_ROUTER = {"router_type": "linear"}
+
+
+#: Every router parameter that holds one number, over all router types (see
+#: ``RouterScorer.one_element_parameters``).
+ONE_ELEMENT_PARAMETERS: frozenset[str] = frozenset(
+    name for cls in SCORERS.values() for name in cls.one_element_parameters
+)
+
+
+class OneElementVector(ConversionOps):
+    """A transformers conversion op: one tensor in, the same numbers as a ``[1]`` vector out.
+
+    Loading: hf-moe-routers 0.1.0 saved one-number router parameters 0-dim; they are ``[1]`` now
+    (FSDP2 refuses 0-dim parameters). Saving applies the same op, so checkpoints are written ``[1]``.
+    """
+
+    def convert(
+        self,
+        input_dict: dict[str, Any],
+        source_patterns: list[str],
+        target_patterns: list[str],
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        if len(input_dict) != 1:
+            raise ValueError(
+                f"OneElementVector converts one tensor at a time; got keys {sorted(input_dict)}."
+            )
+        (value,) = input_dict.values()
+        tensor = value[0] if isinstance(value, list) else value
+        # Only a 0-dim tensor is rewritten: under FSDP2 transformers hands each rank its shard of the
+        # [1] vector before conversion ([1] on one rank, [0] on the other), which pass unchanged.
+        if tensor.dim() == 0:
+            tensor = tensor.reshape(1)
+        return {target_patterns[0]: tensor}
+
+    @property
+    def reverse_op(self) -> OneElementVector:
+        return OneElementVector()
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,6 +189,22 @@ class FamilyAdapter:
     dense_gate: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor | None]]
     has_bias: Callable[[Any], bool] = lambda config: False
 
+    def conversion_mapping(self) -> list[Any]:
+        """transformers' checkpoint conversion rules for this family's routed classes.
+
+        The host family's own rules (legacy per-expert layouts; classes defined outside
+        transformers get none by default) plus, for every one-element router parameter, a rule
+        that reads the 0-dim tensors of hf-moe-routers 0.1.0 checkpoints as ``[1]``.
+        """
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightConverter
+
+        mapping = list(get_checkpoint_conversion_mapping(self.host_model_type) or [])
+        for name in sorted(ONE_ELEMENT_PARAMETERS):
+            pattern = f"scorer.{name}"
+            mapping.append(WeightConverter(pattern, pattern, operations=[OneElementVector()]))
+        return mapping
+
     def validate_host_config(self, config: Any) -> None:
         num_experts, top_k = self.num_experts(config), self.top_k(config)
         if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
@@ -222,6 +279,16 @@ class RoutedPreTrainedMixin:
         if isinstance(module, RoutedRouterMixin):
             return  # its parameters live in its scorer; the host branch would look for `weight`
         super()._init_weights(module)  # type: ignore[misc]
+
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # transformers treats classes defined outside it as "custom code" and then skips every module
+        # whose own (non-recursive) parameters are all loaded, a guard for code that initialises in
+        # place without ``transformers.initialization``. A module with no direct parameters passes
+        # that guard vacuously, so Switch's attention, dense and sparse-MLP inits (which reach into
+        # child Linears) never ran for a routed model loaded with missing weights. Every
+        # ``_init_weights`` here goes through ``transformers.initialization``, which skips loaded
+        # tensors itself: the guard is not needed, so run the library's own path.
+        super()._initialize_weights(module, is_custom_code=False)  # type: ignore[misc]
 
     def _router_init_std(self) -> float:
         """Standard deviation for from-scratch router parameters: the family's own."""
@@ -338,4 +405,21 @@ def convert_to_routed(
                 module.register_buffer("reference_weight", weight, persistent=False)
                 module.register_buffer("reference_bias", bias_t, persistent=False)
         converted.append((name, module))
+    if not from_dense:
+        _forget_host_init(model, [name for name, _ in converted])
     return converted
+
+
+def _forget_host_init(model: nn.Module, router_names: list[str]) -> None:
+    """Let the next ``post_init`` initialise each router's parent module again, with our rules.
+
+    A routed class is built by the host ``__init__`` (whose ``post_init`` already initialised the
+    host's modules, including a parent-level init that draws the host gate, e.g. Switch's sparse
+    MLP) and then converted. Loading a checkpoint instead builds the routed modules on the meta
+    device and initialises each once with our ``_init_weights``; clearing the flag makes both
+    paths run the same code for these modules (transformers' ``test_can_init_all_missing_weights``).
+    """
+    for name in router_names:
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if getattr(parent, "_is_hf_initialized", False):
+            del parent._is_hf_initialized

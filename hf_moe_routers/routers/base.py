@@ -24,10 +24,16 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover - a torch build without distributed support
+    _DTensor = None
+
 __all__ = [
     "RouterConfig",
     "RouterScorer",
     "float32_routing",
+    "full_tensor",
     "spectral_norm_exact",
     "stable_rank",
 ]
@@ -182,6 +188,18 @@ def float32_routing(device: torch.device | str) -> Iterator[None]:
         yield
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a ``DTensor`` (a parameter FSDP2 or tensor parallel sharded), else
+    ``tensor`` itself.
+
+    Statistics of a routing matrix (σ_max, stable rank, norms) computed on one rank's shard are
+    silently wrong. For a ``DTensor`` this is a collective: every rank must call it.
+    """
+    if _DTensor is not None and isinstance(tensor, _DTensor):
+        return tensor.full_tensor()
+    return tensor
+
+
 def spectral_norm_exact(weight: torch.Tensor) -> torch.Tensor:
     """Largest singular value of ``weight [N, H]`` in float32 (differentiable)."""
     with float32_routing(weight.device):
@@ -211,6 +229,10 @@ class RouterScorer(nn.Module):
     """
 
     config_class: ClassVar[type[RouterConfig]]
+    #: Parameters/buffers that hold one number. They are ``[1]``, never 0-dim (FSDP2's
+    #: ``fully_shard`` refuses scalar parameters); checkpoints written by hf-moe-routers 0.1.0 stored
+    #: them 0-dim, and both ``load_state_dict`` and ``from_pretrained`` still read those.
+    one_element_parameters: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: RouterConfig, hidden_size: int, num_experts: int, *, bias: bool = False):
         super().__init__()
@@ -305,6 +327,16 @@ class RouterScorer(nn.Module):
     def stable_rank(self) -> torch.Tensor:
         """Stable rank of ``routing_matrix()`` in float32."""
         return stable_rank(self.routing_matrix().detach())
+
+    # -- loading ---------------------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001 - torch's
+        # A 0-dim tensor from an old checkpoint becomes the [1] vector the parameter now is.
+        for name in self.one_element_parameters:
+            key = prefix + name
+            value = state_dict.get(key)
+            if isinstance(value, torch.Tensor) and value.dim() == 0:
+                state_dict[key] = value.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _device(self) -> torch.device:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
-from .base import RouterConfig, RouterScorer, check_bool, check_number, float32_routing
+from .base import RouterConfig, RouterScorer, check_bool, check_number, float32_routing, full_tensor
 
 __all__ = ["CosineRouterConfig", "CosineScorer"]
 
@@ -55,9 +55,11 @@ class CosineRouterConfig(RouterConfig):
 
 class CosineScorer(RouterScorer):
     """``logits_TE = cos(proj x, e) / τ`` in float32. Parameters ``proj [D, H]``,
-    ``expert_embeddings_ED [E, D]``, ``log_temperature`` (a buffer when τ is fixed)."""
+    ``expert_embeddings_ED [E, D]``, ``log_temperature [1]`` (a buffer when τ is fixed; one element,
+    not 0-dim, because FSDP2's ``fully_shard`` refuses scalar parameters)."""
 
     config_class = CosineRouterConfig
+    one_element_parameters = ("log_temperature",)
 
     def __init__(self, config: CosineRouterConfig, hidden_size: int, num_experts: int, *, bias: bool = False):
         super().__init__(config, hidden_size, num_experts, bias=False)
@@ -69,12 +71,15 @@ class CosineScorer(RouterScorer):
         self.proj = nn.Parameter(torch.empty(config.dim, hidden_size))
         self.embeddings = nn.Parameter(torch.empty(num_experts, config.dim))
         if config.learn_temperature:
-            self.log_temperature = nn.Parameter(torch.empty(()))
+            self.log_temperature = nn.Parameter(torch.empty(1))
         else:
-            self.register_buffer("log_temperature", torch.empty(()))
+            self.register_buffer("log_temperature", torch.empty(1))
 
     def temperature(self) -> torch.Tensor:
-        return self.log_temperature.float().exp().clamp_min(self.config.min_temperature)
+        """τ as a float32 0-dim tensor, clamped below at ``min_temperature``."""
+        return (
+            full_tensor(self.log_temperature).float().reshape(()).exp().clamp_min(self.config.min_temperature)
+        )
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
         with float32_routing(x_TH.device):
@@ -119,13 +124,13 @@ class CosineScorer(RouterScorer):
 
     def queries(self, x_TH: torch.Tensor) -> torch.Tensor:
         with float32_routing(x_TH.device):
-            return F.linear(x_TH.float(), self.proj.float())
+            return F.linear(x_TH.float(), self.routing_matrix().float())
 
     def routing_matrix(self) -> torch.Tensor:
-        return self.proj
+        return full_tensor(self.proj)
 
     def expert_embeddings(self) -> torch.Tensor:
-        return self.embeddings
+        return full_tensor(self.embeddings)
 
     def logit_bound(self) -> torch.Tensor:
         return 1.0 / self.temperature().detach()
@@ -135,8 +140,8 @@ class CosineScorer(RouterScorer):
         """``‖J(x)‖ ≤ σ(P) / ‖P x‖ · σ(Ê) / τ`` per token (the unit-normalisation's slope is 1/‖q‖)."""
         with float32_routing(x_TH.device):
             q_norm = self.queries(x_TH).norm(dim=-1).clamp_min(_EPS)
-            unit = F.normalize(self.embeddings.float(), dim=-1, eps=_EPS)
-            sigma_p = torch.linalg.matrix_norm(self.proj.float(), ord=2)
+            unit = F.normalize(self.expert_embeddings().float(), dim=-1, eps=_EPS)
+            sigma_p = torch.linalg.matrix_norm(self.routing_matrix().float(), ord=2)
             sigma_e = torch.linalg.matrix_norm(unit, ord=2)
             return sigma_p / q_norm * sigma_e / self.temperature()
 

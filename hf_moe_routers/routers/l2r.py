@@ -24,7 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
-from .base import RouterConfig, RouterScorer, check_choice, check_number, float32_routing, spectral_norm_exact
+from .base import (
+    RouterConfig,
+    RouterScorer,
+    check_choice,
+    check_number,
+    float32_routing,
+    full_tensor,
+    spectral_norm_exact,
+)
 
 __all__ = ["L2RConfig", "L2RScorer"]
 
@@ -75,11 +83,13 @@ class L2RConfig(RouterConfig):
 class L2RScorer(RouterScorer):
     """SIPS scores ``[T, E]`` from ``x_TH`` in a shared rank-R latent space, float32, autocast off.
 
-    Parameters: ``query_proj [R, H]`` (W_q), ``anchors [E, M, R]``, ``phi_gamma`` and (for
-    ``affine_tanh``) ``phi_beta`` scalars.
+    Parameters: ``query_proj [R, H]`` (W_q), ``anchors [E, M, R]``, ``phi_gamma [1]`` and (for
+    ``affine_tanh``) ``phi_beta [1]``: one-element vectors, not 0-dim, because FSDP2's
+    ``fully_shard`` refuses scalar parameters.
     """
 
     config_class = L2RConfig
+    one_element_parameters = ("phi_gamma", "phi_beta")
 
     def __init__(self, config: L2RConfig, hidden_size: int, num_experts: int, *, bias: bool = False):
         super().__init__(config, hidden_size, num_experts, bias=False)
@@ -89,8 +99,8 @@ class L2RScorer(RouterScorer):
             )
         self.query_proj = nn.Parameter(torch.empty(config.rank, hidden_size))
         self.anchors = nn.Parameter(torch.empty(num_experts, config.num_anchors, config.rank))
-        self.phi_gamma = nn.Parameter(torch.empty(()))
-        self.phi_beta = nn.Parameter(torch.empty(())) if config.phi == "affine_tanh" else None
+        self.phi_gamma = nn.Parameter(torch.empty(1))
+        self.phi_beta = nn.Parameter(torch.empty(1)) if config.phi == "affine_tanh" else None
 
     # -- pieces ---------------------------------------------------------------------------------
     def _normalise_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,12 +110,20 @@ class L2RScorer(RouterScorer):
 
     def phi(self, norm_T: torch.Tensor) -> torch.Tensor:
         """The bounded query-magnitude transform φ(‖q‖) ``[T]``."""
-        gamma = self.phi_gamma.float()
+        gamma = self._gamma()
         if self.config.phi == "affine_tanh":
-            return gamma * (1.0 + self.phi_beta.float() * torch.tanh(norm_T))
+            return gamma * (1.0 + self._beta() * torch.tanh(norm_T))
         # γ·tanh(s/γ) is odd in γ: slope 1 at 0, saturates at |γ|; tiny γ is clamped for the division.
         safe_gamma = torch.where(gamma.abs() < 1e-6, torch.full_like(gamma, 1e-6), gamma)
         return safe_gamma * torch.tanh(norm_T / safe_gamma)
+
+    def _gamma(self) -> torch.Tensor:
+        """γ as a float32 0-dim tensor (the parameter itself is ``[1]``)."""
+        return full_tensor(self.phi_gamma).float().reshape(())
+
+    def _beta(self) -> torch.Tensor:
+        """β as a float32 0-dim tensor (``affine_tanh`` only)."""
+        return full_tensor(self.phi_beta).float().reshape(())
 
     def psi(self, anchor_norm_EM: torch.Tensor) -> torch.Tensor:
         """The anchor-magnitude transform ψ(‖k‖) = 1 + (‖k‖ − 1)/p ``[E, M]``."""
@@ -114,7 +132,7 @@ class L2RScorer(RouterScorer):
     def queries(self, x_TH: torch.Tensor) -> torch.Tensor:
         """Latent queries ``q_TR = W_q · norm(x)`` in float32."""
         with float32_routing(x_TH.device):
-            return F.linear(self._normalise_input(x_TH.float()), self.query_proj.float())
+            return F.linear(self._normalise_input(x_TH.float()), self.routing_matrix().float())
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
@@ -189,17 +207,18 @@ class L2RScorer(RouterScorer):
 
     # -- statistics ------------------------------------------------------------------------------
     def routing_matrix(self) -> torch.Tensor:
-        return self.query_proj
+        return full_tensor(self.query_proj)
 
     def expert_embeddings(self) -> torch.Tensor:
-        return self.anchors.reshape(-1, self.anchors.shape[-1])
+        anchors = full_tensor(self.anchors)
+        return anchors.reshape(-1, anchors.shape[-1])
 
     def logit_bound(self) -> torch.Tensor:
         """``max |z|`` over all inputs: ``max|φ| · max ψ / τ`` (+ log M for logsumexp)."""
         with torch.no_grad():
-            gamma = self.phi_gamma.float().abs()
-            phi_max = gamma * (1.0 + self.phi_beta.float().abs()) if self.phi_beta is not None else gamma
-            psi_max = self.psi(self.anchors.float().norm(dim=-1)).abs().max()
+            gamma = self._gamma().abs()
+            phi_max = gamma * (1.0 + self._beta().abs()) if self.phi_beta is not None else gamma
+            psi_max = self.psi(full_tensor(self.anchors).float().norm(dim=-1)).abs().max()
             bound = phi_max * psi_max / self.config.temperature
             if self.config.anchor_reduce == "logsumexp":
                 bound = bound + math.log(self.config.num_anchors)
@@ -207,7 +226,7 @@ class L2RScorer(RouterScorer):
 
     def _anchor_matrix_sigma(self) -> torch.Tensor:
         """σ_max of the stacked ψ-scaled unit anchors ``A [E*M, R]``."""
-        anchors = self.anchors.float()
+        anchors = full_tensor(self.anchors).float()
         norms = anchors.norm(dim=-1, keepdim=True)
         stacked = self.psi(norms.squeeze(-1)).unsqueeze(-1) * anchors / norms.clamp_min(_NORM_EPS)
         return spectral_norm_exact(stacked.reshape(-1, stacked.shape[-1]))
@@ -222,14 +241,14 @@ class L2RScorer(RouterScorer):
             else:
                 scale = torch.ones(x.shape[0], device=x.device)
             q_norm = self.queries(x_TH).norm(dim=-1)
-            gamma = self.phi_gamma.float()
+            gamma = self._gamma()
             if self.config.phi == "affine_tanh":
-                slope = (gamma * self.phi_beta.float()).abs() / torch.cosh(q_norm).pow(2)
+                slope = (gamma * self._beta()).abs() / torch.cosh(q_norm).pow(2)
             else:
                 slope = 1.0 / torch.cosh(q_norm / gamma).pow(2)
             radial = self.phi(q_norm).abs() / q_norm.clamp_min(_NORM_EPS)
             g = torch.maximum(slope, radial)
-            sigma_q = spectral_norm_exact(self.query_proj)
+            sigma_q = spectral_norm_exact(self.routing_matrix())
             return scale * sigma_q * g * self._anchor_matrix_sigma() / self.config.temperature
 
     def lipschitz_bound(self) -> torch.Tensor:
@@ -245,6 +264,6 @@ class L2RScorer(RouterScorer):
             if self.config.phi == "affine_tanh":
                 return torch.tensor(float("inf"), device=self._device())
             sigma_a = self._anchor_matrix_sigma()
-            sigma_q = spectral_norm_exact(self.query_proj)
+            sigma_q = spectral_norm_exact(self.routing_matrix())
             norm_factor = 1.0 / math.sqrt(_NORM_EPS) if self.config.input_norm == "rms" else 1.0
             return sigma_a * sigma_q * norm_factor / self.config.temperature

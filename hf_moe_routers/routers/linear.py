@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
-from .base import RouterConfig, RouterScorer, spectral_norm_exact
+from .base import RouterConfig, RouterScorer, full_tensor, spectral_norm_exact
 
 __all__ = ["LinearRouterConfig", "LinearScorer"]
 
@@ -55,8 +55,8 @@ class LinearScorer(RouterScorer):
             self.bias.copy_(bias_E if bias_E is not None else torch.zeros_like(self.bias))
 
     def routing_matrix(self) -> torch.Tensor:
-        return self.weight
+        return full_tensor(self.weight)
 
     def lipschitz_bound(self) -> torch.Tensor:
         # The logits are affine in x, so their Lipschitz constant is exactly σ_max(W).
-        return spectral_norm_exact(self.weight.detach())
+        return spectral_norm_exact(self.routing_matrix().detach())

@@ -11,8 +11,9 @@ many feature directions); prototype routing ``w_i = softmax_i(−‖z − μ_i�
   weights are identical, and the logits become Lipschitz with constant ``2σ_max(P)/τ``.
 - ``spectral_mode``: ``penalty`` ``relu(σ − c)²``, ``constrain`` (``W_eff = W·min(1, c/σ)``, the
   bound holds at every step) or ``none``; ``c`` = ``spectral_bound`` or, when None, σ_max at
-  initialisation / patch time (stored as a buffer, so a patched model routes identically at step 0
-  and a reloaded one identically to the saved one).
+  patch time, or for a model built from scratch at its first forward (the matrix training starts
+  from). It is stored as a buffer, so a patched model routes identically at step 0 and a reloaded
+  one identically to the saved one.
 - stable-rank penalty ``1 − srank(W)/min(E, H)``.
 - ``sigma_method``: ``exact`` (``torch.linalg.matrix_norm(ord=2)``) or ``power`` (power iteration
   with a persistent vector, ``power_iterations`` steps per training forward; Miyato et al.).
@@ -33,6 +34,7 @@ from .base import (
     check_choice,
     check_number,
     float32_routing,
+    full_tensor,
     spectral_norm_exact,
     stable_rank,
 )
@@ -107,12 +109,59 @@ class SRMoEScorer(RouterScorer):
         else:
             self.prototypes = matrix
         self.bias = nn.Parameter(torch.empty(num_experts)) if bias else None
-        self.register_buffer("spectral_bound", torch.ones(()))
-        self.register_buffer("power_u", torch.empty(num_experts))
+        # Both buffers start at values fixed by the config alone, so transformers' init path (meta
+        # device, then ``_init_weights``) gives the same buffers as ``__init__``: 0 means "c not
+        # set yet" (a configured c is > 0) and a zero vector "power iteration not started". They
+        # are filled from the routing matrix by ``init_from_dense`` or, for a from-scratch model,
+        # the first time the router runs (``_ensure_calibrated``): σ of the matrix training starts from.
+        self.register_buffer("spectral_bound", torch.full((), self._configured_bound()))
+        self.register_buffer("power_u", torch.zeros(num_experts))
+        self._calibrated = False
+
+    # -- calibration of the buffers -------------------------------------------------------------
+    def _configured_bound(self) -> float:
+        """The bound from the config, or 0.0 ("to be measured") when it is None."""
+        return 0.0 if self.config.spectral_bound is None else float(self.config.spectral_bound)
+
+    @torch.no_grad()
+    def _ensure_calibrated(self) -> None:
+        """Fill whichever buffer is still at its "not set" value from the current routing matrix.
+
+        Checked once per module instance (one host sync), then skipped; loading a state dict checks
+        again. Under FSDP2 this runs inside forward, where the matrix is whole.
+        """
+        if self._calibrated:
+            return
+        matrix = self.routing_matrix()
+        if matrix.is_meta:
+            return
+        need_bound = bool(self.spectral_bound <= 0)
+        need_power = not bool(self.power_u.any())
+        if need_bound or need_power:
+            self._calibrate(full_tensor(matrix).detach().float(), bound=need_bound, power=need_power)
+        self._calibrated = True
+
+    @torch.no_grad()
+    def _calibrate(self, matrix: torch.Tensor, *, bound: bool, power: bool) -> None:
+        if bound:
+            configured = self.config.spectral_bound
+            value = spectral_norm_exact(matrix) if configured is None else torch.tensor(float(configured))
+            self.spectral_bound.copy_(value.to(self.spectral_bound))
+        if power:
+            # Start the power iteration at the exact top left-singular vector: σ̂ = σ at step 0.
+            u = torch.linalg.svd(matrix, full_matrices=False).U[:, 0]
+            self.power_u.copy_(u.to(self.power_u))
+
+    def _load_from_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003 - torch's signature
+        super()._load_from_state_dict(*args, **kwargs)
+        self._calibrated = False
 
     # -- the effective matrix -------------------------------------------------------------------
-    def routing_matrix(self) -> torch.Tensor:
+    def _matrix_parameter(self) -> nn.Parameter:
         return self.weight if self.config.scoring == "linear" else self.prototypes
+
+    def routing_matrix(self) -> torch.Tensor:
+        return full_tensor(self._matrix_parameter())
 
     def effective_routing_matrix(self) -> torch.Tensor:
         with torch.no_grad(), float32_routing(self._device()):
@@ -138,6 +187,7 @@ class SRMoEScorer(RouterScorer):
 
     def effective_matrix(self, update: bool = False) -> torch.Tensor:
         """``[E, H]`` float32 matrix used for scoring; rescaled to σ ≤ c under ``constrain``."""
+        self._ensure_calibrated()
         matrix = self.routing_matrix().float()
         if self.config.spectral_mode != "constrain":
             return matrix
@@ -153,6 +203,7 @@ class SRMoEScorer(RouterScorer):
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
         with float32_routing(x_TH.device):
             x = x_TH.float()
+            self._ensure_calibrated()
             update = self.training and torch.is_grad_enabled() and self.config.sigma_method == "power"
             if update and self.config.spectral_mode != "constrain":
                 # The penalty reads σ̂ from the persistent vector: advance it once per training step.
@@ -169,11 +220,13 @@ class SRMoEScorer(RouterScorer):
     # -- init -----------------------------------------------------------------------------------
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
-        matrix = self.routing_matrix()
-        init.normal_(matrix, mean=0.0, std=std)
+        init.normal_(self._matrix_parameter(), mean=0.0, std=std)
         if self.bias is not None:
             init.zeros_(self.bias)
-        self._reset_buffers(matrix)
+        # The "not set" values of __init__ (``init`` keeps buffers loaded from a checkpoint).
+        init.constant_(self.spectral_bound, self._configured_bound())
+        init.zeros_(self.power_u)
+        self._calibrated = False
 
     @torch.no_grad()
     def init_from_dense(self, weight_EH: torch.Tensor, bias_E: torch.Tensor | None = None) -> None:
@@ -185,28 +238,13 @@ class SRMoEScorer(RouterScorer):
             # 2μ·x/τ = W x when μ = τW/2; the remaining per-expert offset −‖μ‖²/τ is what the
             # conversion cannot keep, so top-k agreement is reported by the patch.
             self.prototypes.copy_(weight_EH.float() * (self.config.temperature / 2.0))
-        for tensor in (self.spectral_bound, self.power_u):
-            tensor._is_hf_initialized = False
-        self._reset_buffers(self.routing_matrix())
-
-    @torch.no_grad()
-    def _reset_buffers(self, matrix: torch.Tensor) -> None:
-        if all(getattr(t, "_is_hf_initialized", False) for t in (self.spectral_bound, self.power_u)):
-            return  # both came from a checkpoint
-        if matrix.is_meta:
-            return  # nothing to compute yet; transformers initialises again once materialised
-        bound = self.config.spectral_bound
-        if bound is None:
-            bound_t = spectral_norm_exact(matrix.float())
-        else:
-            bound_t = torch.tensor(float(bound))
-        init.copy_(self.spectral_bound, bound_t.to(self.spectral_bound))
-        # Start the power iteration at the exact top left-singular vector: σ̂ = σ at step 0.
-        u = torch.linalg.svd(matrix.float(), full_matrices=False).U[:, 0]
-        init.copy_(self.power_u, u.to(self.power_u))
+        # c = σ of the converted gate (or the configured c), so routing is unchanged at step 0.
+        self._calibrate(self.routing_matrix().detach().float(), bound=True, power=True)
+        self._calibrated = True
 
     # -- regularisation and bounds --------------------------------------------------------------
     def regularization_terms(self) -> dict[str, torch.Tensor]:
+        self._ensure_calibrated()
         matrix = self.routing_matrix()
         with float32_routing(matrix.device):
             matrix = matrix.float()
