@@ -24,6 +24,7 @@ from torch import nn
 
 from .modeling.base import FAMILIES, RoutedRouterMixin, convert_to_routed, family_for_model
 from .routers import RouterConfig
+from .trainers.sharding import is_sharded_or_distributed
 
 __all__ = ["PatchReport", "distill_router", "drop_reference_gates", "patch_moe_routers", "routing_agreement"]
 
@@ -169,7 +170,9 @@ def patch_moe_routers(
     Raises:
         ValueError: unsupported family, an already-patched model, a bad router config, a
             hyper-parameter that does not fit the model (e.g. an L2R rank above the hidden size),
-            or a model that runs hub kernels which bypass routers.
+            a model that runs hub kernels which bypass routers, or a model that is already sharded or
+            distributed (FSDP, tensor/expert parallel, ``from_pretrained(distributed_config=...)``):
+            patch first, then distribute.
     """
     router_config = RouterConfig.from_dict(router_config)
     adapter = family_for_model(model)
@@ -186,6 +189,15 @@ def patch_moe_routers(
         raise ValueError(
             "This model was loaded with use_kernels=True: hub kernels replace the whole MoE block and "
             "bypass the router. Load it without use_kernels to patch its routers."
+        )
+    distributed = is_sharded_or_distributed(model)
+    if distributed is not None:
+        raise ValueError(
+            f"patch_moe_routers needs the whole, undistributed model, but this one is already sharded or "
+            f"distributed ({distributed}). Patch first, then distribute: load the model without "
+            "distributed_config (and before accelerate/FSDP wraps it), call patch_moe_routers, save_pretrained "
+            "the patched model, and load that checkpoint with from_pretrained(..., distributed_config=...) "
+            "or hand it to accelerate/the Trainer."
         )
     adapter.validate_host_config(config)
     if hidden_states is not None and calibration_batches is not None:

@@ -4,6 +4,7 @@ from .arguments import MoERouterTrainingArguments
 from .collector import RouterCollector, RouterInfo, find_routers
 from .history import RoutingHistory, RoutingRecord
 from .plots import RoutingPlotCallback, plot_load_heatmap, plot_router_curves, save_routing_plots
+from .sharding import gathered_router_parameters
 from .trainer import MoERouterTrainer
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "RoutingPlotCallback",
     "RoutingRecord",
     "find_routers",
+    "gathered_router_parameters",
     "plot_load_heatmap",
     "plot_router_curves",
     "save_routing_plots",

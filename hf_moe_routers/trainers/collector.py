@@ -188,9 +188,11 @@ class RouterCollector:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             if not self._active:
                 return
+            # Copies, not views: FSDP2 frees the whole (unsharded) parameters this forward reads
+            # as soon as the unit's forward ends, and the Trainer reads these at logging time.
             data = {
-                "routing_matrix": module.effective_routing_matrix().detach(),
-                "expert_rows": module.expert_embeddings().detach(),
+                "routing_matrix": module.effective_routing_matrix().detach().clone(),
+                "expert_rows": module.expert_embeddings().detach().clone(),
             }
             if module.training and torch.is_grad_enabled():
                 data["penalty_terms"] = module.regularization_terms()

@@ -20,7 +20,9 @@ token entropy, top-1 probability, k-th margin, aux (balance) loss, z-loss, reg l
 per-token bound of the logits' Jacobian norm on the window's inputs — finite for every router — and
 ``lipschitz_bound_global``, the global constant, ``inf`` where none exists), flip rate, angular
 concentration of queries and of expert rows, and drift from the first logged routing.
-Micro-batch values are averaged over the window and summed across processes before logging.
+Micro-batch values are averaged over the window and summed across processes before logging (a
+batch that the ranks of a tensor-parallel group share counted once). Under FSDP2 the parameter
+statistics are taken on the gathered, whole router parameters (``gathered_router_parameters``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from .. import metrics as M
 from .arguments import MoERouterTrainingArguments
 from .collector import RouterCapture, RouterCollector, RouterInfo, routing_scoring
 from .history import RoutingHistory, RoutingRecord
+from .sharding import gathered_router_parameters
 
 __all__ = ["MoERouterTrainer"]
 
@@ -115,7 +118,8 @@ class MoERouterTrainer(Trainer):
         self._log_count = 0
         self._drift_reference: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.routing_history = RoutingHistory()
-        self.last_local_window: dict[str, Any] = {}
+        self.last_local_window: dict[str, Any] = {}  # this process's sums of the last logged window
+        self.last_window: dict[str, Any] = {}  # the same, reduced over all processes
         if self.args.router_plots:
             self._add_plot_callback()
         self._use_concise_progress()
@@ -388,9 +392,22 @@ class MoERouterTrainer(Trainer):
         super().log(logs, start_time)
 
     def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over the processes, each batch counted once.
+
+        The ranks of one tensor-parallel group (TP, and EP with ``ep_size == tp_size``) all run the
+        same batch and hold identical sums: the total over all processes counts it ``tp_size`` times.
+        """
         if self.accelerator.num_processes > 1:
-            return self.accelerator.reduce(tensor.to(self.accelerator.device), reduction="sum").cpu()
+            total = self.accelerator.reduce(tensor.to(self.accelerator.device), reduction="sum").cpu()
+            replicas = self._ranks_per_batch()
+            return total / replicas if replicas > 1 else total
         return tensor
+
+    def _ranks_per_batch(self) -> int:
+        try:
+            return max(1, int(self.get_tp_size() or 1))
+        except Exception:  # pragma: no cover - a Trainer without tensor-parallel support
+            return 1
 
     def _has_data(self, window: _Window) -> bool:
         """Whether any process saw router outputs in this window (a collective on every rank, so
@@ -423,6 +440,7 @@ class MoERouterTrainer(Trainer):
         counts = packed[len(names) * num_layers : (len(names) + 1) * num_layers]
         loads = torch.split(packed[(len(names) + 1) * num_layers : -2], widths)
         reg_sum, reg_count = packed[-2], packed[-1]
+        self.last_window = {"counts": counts.clone(), "loads": [v.clone() for v in loads]}
 
         per_layer: dict[str, list[float]] = {}
         safe = counts.clamp_min(1)
@@ -466,7 +484,17 @@ class MoERouterTrainer(Trainer):
     @torch.no_grad()
     def _costly_metrics(self, window: _Window) -> dict[str, list[float]]:
         """Parameter and stability metrics from each router's last captured inputs (averaged
-        across processes)."""
+        across processes).
+
+        Under FSDP2 the routers' parameters are shards outside forward: they are gathered for the
+        duration (every rank logs at the same step), so σ_max, stable rank and the Lipschitz bounds
+        are those of the whole matrices, never of one rank's rows.
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        with gathered_router_parameters(model, [info.module for info in self.routers]):
+            return self._costly_metrics_on_whole_parameters(window)
+
+    def _costly_metrics_on_whole_parameters(self, window: _Window) -> dict[str, list[float]]:
         names = (
             "spectral_norm",
             "stable_rank",
