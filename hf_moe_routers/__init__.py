@@ -8,6 +8,7 @@ Importing the package registers the routed model types (``routed_mixtral``, ``ro
 ``routed_qwen3_moe``, ``routed_olmoe``, ``routed_switch_transformers``) with the Auto classes.
 """
 
+from .export import export_to_family
 from .kernels import register_experts_implementation
 from .modeling import (
     RoutedMixtralConfig,
@@ -67,6 +68,7 @@ __all__ = [
     "SRMoEConfig",
     "distill_router",
     "drop_reference_gates",
+    "export_to_family",
     "patch_moe_routers",
     "register_experts_implementation",
     "routing_agreement",

@@ -7,6 +7,7 @@ Commands:
     bench        run a benchmark script of ``benchmarks/`` (a source checkout)
     card         render the model card (README.md) of a saved model folder
     inspect      print a saved model's router config and its routing metrics on a text
+    export       save a routed model whose routers are linear in form as a plain family checkpoint
     patch-demo   patch, distil, save and reload a tiny Mixtral with every router
 
 Every command takes ``--help``. Bad input (a path that is not a model, an unsupported family, bad
@@ -31,6 +32,7 @@ COMMANDS = {
     "bench": "run a benchmark of benchmarks/ (e.g. bench dispatch --device cpu)",
     "card": "render the model card (README.md) of a saved model folder",
     "inspect": "print a saved model's router config and routing metrics on a text file",
+    "export": "save a routed model (linear or SR-MoE linear routers) as a plain family checkpoint",
     "patch-demo": "patch, distil, save and reload a tiny Mixtral with every router",
 }
 # Columns of `inspect`'s table (hf_moe_routers.metrics names, then parameter metrics).
@@ -207,6 +209,27 @@ def run_patch(args: argparse.Namespace) -> int:
     print(
         f"saved the routed model to {args.output_dir}: it loads with `import hf_moe_routers`, or with "
         "trust_remote_code=True where hf-moe-routers is not installed"
+    )
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Load a routed model, fold its routers into the family's gate and save a stock checkpoint."""
+    from .export import export_to_family
+
+    folder = _model_folder(args.model_path)
+    model = _load_model(folder)
+    try:
+        plain = export_to_family(model)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    plain.save_pretrained(args.output_dir)
+    tokenizer = _tokenizer(folder, None)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.output_dir)
+    print(
+        f"saved a plain {type(plain).__name__} to {args.output_dir}: stock transformers loads it "
+        "without hf-moe-routers and without remote code"
     )
     return 0
 
@@ -448,6 +471,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to the benchmark script")
 
+    export = parsers["export"]
+    export.add_argument("model_path", help="a saved routed model folder (linear or SR-MoE linear routers)")
+    export.add_argument("--output_dir", required=True, help="where to save the plain family checkpoint")
+
     demo = parsers["patch-demo"]
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--distill-steps", type=int, default=100)
@@ -459,6 +486,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "card": run_card,
     "inspect": run_inspect,
     "bench": run_bench,
+    "export": run_export,
     "patch-demo": run_patch_demo,
 }
 
