@@ -1,6 +1,6 @@
 """Benchmark the hf_moe_routers MoE dispatch and experts layer against transformers' implementations.
 
-GPU (CUDA + Triton), as KERNELS.md section 5 prescribes:
+GPU (CUDA + Triton), as docs/KERNELS.md section 5 prescribes:
     python benchmarks/bench_dispatch.py --device cuda
 times with ``triton.testing.do_bench`` (median and p20 / p80), rotating input sets so that no call
 reuses warm data or the same routing:
@@ -332,7 +332,7 @@ def time_cases(cases: list[Case], device: torch.device, args) -> dict[tuple[str,
 
 def work(kind: str, mode: str, shape: Shape, num_tokens: int, dtype: torch.dtype) -> tuple[str, str, float]:
     """(metric, unit, amount) of useful work: dispatch moves 2*T*H*b*(1+K) bytes (permute + combine,
-    KERNELS.md section 3); the layer does 2*N*3*H*I FLOPs forward and three times that forward+backward."""
+    docs/KERNELS.md section 3); the layer does 2*N*3*H*I FLOPs forward and three times that forward+backward."""
     if kind == "dispatch":
         return "bandwidth", "GB/s", 2 * num_tokens * shape.hidden * dtype.itemsize * (1 + shape.top_k) / 1e6
     flops = (

@@ -1,7 +1,7 @@
 """Modular one-shot adaptation: teach a trained MoE a new class or task by updating only the experts
 its router selects for the new data, and measure what that costs the old task.
 
-The protocol (``design/ROUTERS.md``, "Modular one-shot adaptation", operationalised here):
+The protocol (``docs/ROUTERS.md``, "Modular one-shot adaptation", operationalised here):
 
 1. **Select**: run the (frozen) model on the new example(s); in each MoE layer take the
    ``experts_per_layer`` experts with the largest mean routing weight over the new tokens.

@@ -215,7 +215,7 @@ def patch_moe_routers(
     routed_config = copy.deepcopy(config)
     routed_config.__class__ = adapter.routed_config_class
     # A config read from config.json carries `model_type` as an instance attribute that would
-    # shadow the routed class's (TRANSFORMERS_V5 pitfall 13).
+    # shadow the routed class's (docs/TRANSFORMERS.md pitfall 13).
     routed_config.__dict__.pop("model_type", None)
     routed_config.moe_router = router_config.to_dict()
     routed_config._validate_moe_router()

@@ -1,6 +1,6 @@
 """Experiment A: interference of modular one-shot adaptation vs depth, per router and dataset.
 
-Protocol (also in ``benchmarks/EXPERIMENTS_README_SECTION.md``):
+Protocol (also in the README, "Protocol of experiment A", and ``docs/ROUTERS.md``):
 
 - Split: per seed, 2 of the 10 classes are held out (a seeded permutation, the same for every
   router); the model trains on the other 8 (training split), with the held-out classes' logits

@@ -89,7 +89,7 @@ CITATIONS = {
   archivePrefix = {arXiv},
 }""",
 }
-# What each routing metric means (design/ROUTERS.md, "Metrics every run reports"); the table order.
+# What each routing metric means (docs/ROUTERS.md, "Metrics every run reports"); the table order.
 METRIC_DESCRIPTIONS = {
     "load_entropy": "entropy of the expert load over log E (1 = balanced)",
     "load_cv": "coefficient of variation of the expert load (0 = balanced)",

@@ -8,7 +8,7 @@ cubin for the target architecture (``ptxas`` ships inside the Triton wheel; no C
 needed), and reads the registers, spills and shared memory that ``ptxas`` reports.
 
 Used by ``tests/test_kernels_aot.py`` (every launch compiles for sm_80 and sm_90) and by
-``benchmarks/kernel_resources.py`` (the resource table at the benchmark shapes).
+``benchmarks/bench_kernel_resources.py`` (the resource table at the benchmark shapes).
 
 The specialisation follows what Triton's JIT does at a launch: integer arguments equal to 1 become
 constants, and pointers / integers divisible by 16 carry a divisibility hint. What this cannot tell

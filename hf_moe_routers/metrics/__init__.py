@@ -16,7 +16,7 @@ Conventions shared by every function:
 - bad input raises ``ValueError`` naming the argument (shape mismatch, K > E, nothing left after
   masking, NaN logits).
 
-Definitions (see ``design/ROUTERS.md``, "Metrics every run reports"):
+Definitions (see ``docs/ROUTERS.md``, "Metrics every run reports"):
 - load fraction ``f_e``: share of the real tokens' top-k slots given to expert e;
 - load entropy ``H(f) / log E``; load CV ``std(f) / mean(f)`` (population std); max-load ratio
   ``E · max f``; dead experts ``#{e : f_e = 0}`` (meaningful over a window: ExpertLoadAccumulator);

@@ -3,7 +3,7 @@
 Importing ``hf_moe_routers`` registers ``routed_<family>`` configs with ``AutoConfig``, the model
 classes with ``AutoModel`` / ``AutoModelForCausalLM`` / ``AutoModelForSeq2SeqLM``, and the host
 family's checkpoint conversion rules under our class names (classes defined outside transformers
-get no built-in rules; TRANSFORMERS_V5 pitfall 14). Registration is idempotent.
+get no built-in rules; docs/TRANSFORMERS.md pitfall 14). Registration is idempotent.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What every host family shares: the routed-router mixin, the family adapter, the routed config
 and pre-trained-model mixins, and the in-place conversion of a host model into a routed one.
 
-Design rule (TRANSFORMERS_V5.md §1, §3): replace routers only, keep their class identity
+Design rule (docs/TRANSFORMERS.md §1, §3): replace routers only, keep their class identity
 (``isinstance`` of the host router class, so transformers records their logits and initialises
 them), their forward signature, return tuple and dtypes; never touch experts. A router is turned
 into ours by giving the *same object* a subclass of its own class and attaching a scorer module,

@@ -78,7 +78,7 @@ class RoutedSwitchTransformersConfig(RoutedConfigMixin, SwitchTransformersConfig
         super().__post_init__(**kwargs)
         self._validate_moe_router()
         if getattr(self, "decoder_start_token_id", None) is None:
-            # Without it, a forward with labels fails in _shift_right (TRANSFORMERS_V5 pitfall 12).
+            # Without it, a forward with labels fails in _shift_right (docs/TRANSFORMERS.md pitfall 12).
             self.decoder_start_token_id = self.pad_token_id if self.pad_token_id is not None else 0
 
 

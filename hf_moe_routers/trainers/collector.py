@@ -21,7 +21,7 @@ from ..modeling.base import RoutedRouterMixin
 
 __all__ = ["RouterCapture", "RouterCollector", "RouterInfo", "find_routers"]
 
-# How each family turns logits into routing probabilities for the balance loss (TRANSFORMERS_V5 §1).
+# How each family turns logits into routing probabilities for the balance loss (docs/TRANSFORMERS.md §1).
 _SCORING_BY_MODEL_TYPE = {"deepseek_v3": "sigmoid", "gpt_oss": "topk_softmax"}
 
 

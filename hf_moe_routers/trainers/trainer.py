@@ -8,7 +8,7 @@ What it adds to the model's own loss, per micro-batch:
 - each routed router's parameter-only penalties (SR-MoE's spectral and stable-rank terms), summed
   over layers.
 Under gradient accumulation the Trainer does not divide a loss normalised by ``num_items_in_batch``
-(TRANSFORMERS_V5 §6, pitfall 9), so these per-micro-batch terms are divided by the accumulation
+(docs/TRANSFORMERS.md §6, pitfall 9), so these per-micro-batch terms are divided by the accumulation
 steps here: the same total gradient for 1×B and 2×(B/2). Evaluation losses stay the model's
 own (``eval_loss`` is the LM loss, so ``exp(eval_loss)`` is the perplexity); the router terms are
 logged separately.
