@@ -262,6 +262,10 @@ def test_patching_an_fsdp2_model_says_patch_first(fsdp_results):
 
 
 def _reference_training(workdir: Path, per_device: int, accumulation: int, resume: bool) -> dict:
+    # The worker module sets one thread at import, like the ranks; the reference runs with it too,
+    # and the suite's own count comes back afterwards (later tests compare bit for bit with
+    # subprocesses that use the default count).
+    threads = torch.get_num_threads()
     sys.path.insert(0, str(WORKERS))
     try:
         from trainer_worker import run_training
@@ -269,16 +273,20 @@ def _reference_training(workdir: Path, per_device: int, accumulation: int, resum
         sys.path.remove(str(WORKERS))
     from transformers import AutoModelForCausalLM
 
-    out = {}
-    for router_type in ROUTER_CONFIGS:
-        path = workdir / router_type
-        out[router_type] = run_training(
-            lambda path=path: AutoModelForCausalLM.from_pretrained(path),
-            str(workdir / f"reference_{per_device}x{accumulation}_{router_type}"),
-            per_device,
-            accumulation,
-            resume=resume,
-        )
+    torch.set_num_threads(1)
+    try:
+        out = {}
+        for router_type in ROUTER_CONFIGS:
+            path = workdir / router_type
+            out[router_type] = run_training(
+                lambda path=path: AutoModelForCausalLM.from_pretrained(path),
+                str(workdir / f"reference_{per_device}x{accumulation}_{router_type}"),
+                per_device,
+                accumulation,
+                resume=resume,
+            )
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
