@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint clean
+.PHONY: demo test conformance lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+# transformers' own test mixins on every routed class x router type, with the unpatched families as
+# controls (docs/CONFORMANCE.md); `make test` runs only the default subset of these.
+conformance: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests/conformance --conformance-full
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hf_moe_routers tests examples benchmarks

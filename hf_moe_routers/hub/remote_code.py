@@ -82,17 +82,7 @@ _ENTRY_EPILOGUE = """
 # model_type, and classes defined outside transformers get none: register the host family's rules
 # under this family's routed names, as hf_moe_routers.modeling.register_auto_classes does. Nothing
 # is registered with the Auto classes here (transformers does that for remote code itself).
-from transformers.conversion_mapping import register_checkpoint_conversion_mapping as _register_mapping  # noqa: E402
-
-
-def _register_conversion_mappings() -> None:
-    mapping = ADAPTER.conversion_mapping()
-    names = [ADAPTER.routed_model_type] + [cls.__name__ for cls in ADAPTER.model_classes.values()]
-    for name in names:
-        _register_mapping(name, mapping, overwrite=True)
-
-
-_register_conversion_mappings()
+ADAPTER.register_conversion_mapping()
 """
 
 

@@ -9,7 +9,6 @@ get no built-in rules; docs/TRANSFORMERS.md pitfall 14). Registration is idempot
 from __future__ import annotations
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 
 from .base import (
     FAMILIES,
@@ -97,10 +96,7 @@ def register_auto_classes() -> None:
     AutoModelForSeq2SeqLM.register(switch, RoutedSwitchTransformersForConditionalGeneration, exist_ok=True)
 
     for adapter in {id(a): a for a in FAMILIES.values()}.values():
-        mapping = adapter.conversion_mapping()
-        names = [adapter.routed_model_type] + [cls.__name__ for cls in adapter.model_classes.values()]
-        for name in names:
-            register_checkpoint_conversion_mapping(name, mapping, overwrite=True)
+        adapter.register_conversion_mapping()
 
 
 register_auto_classes()

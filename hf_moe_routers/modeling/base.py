@@ -11,7 +11,11 @@ so parameters, hooks, device and every other model in the process are left alone
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import struct
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -189,21 +193,40 @@ class FamilyAdapter:
     dense_gate: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor | None]]
     has_bias: Callable[[Any], bool] = lambda config: False
 
-    def conversion_mapping(self) -> list[Any]:
+    def conversion_mapping(self, *, zero_dim_one_element: bool = False) -> list[Any]:
         """transformers' checkpoint conversion rules for this family's routed classes.
 
         The host family's own rules (legacy per-expert layouts; classes defined outside
-        transformers get none by default) plus, for every one-element router parameter, a rule
-        that reads the 0-dim tensors of hf-moe-routers 0.1.0 checkpoints as ``[1]``.
+        transformers get none by default). With ``zero_dim_one_element``, also a rule per
+        one-element router parameter that reads the 0-dim tensors of hf-moe-routers 0.1.0
+        checkpoints as ``[1]``; ``RoutedPreTrainedMixin.from_pretrained`` adds those only while it
+        loads such a checkpoint (transformers expects every registered rule to match the keys of
+        every checkpoint the class saves, and most routers have no such parameter).
         """
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
         from transformers.core_model_loading import WeightConverter
 
         mapping = list(get_checkpoint_conversion_mapping(self.host_model_type) or [])
-        for name in sorted(ONE_ELEMENT_PARAMETERS):
-            pattern = f"scorer.{name}"
-            mapping.append(WeightConverter(pattern, pattern, operations=[OneElementVector()]))
+        if zero_dim_one_element:
+            for name in sorted(ONE_ELEMENT_PARAMETERS):
+                pattern = f"scorer.{name}"
+                mapping.append(WeightConverter(pattern, pattern, operations=[OneElementVector()]))
         return mapping
+
+    def register_conversion_mapping(
+        self, *, zero_dim_one_element: bool = False, restore: bool = False
+    ) -> None:
+        """Register ``conversion_mapping`` under the routed model type and every routed class name.
+
+        Nothing is registered when there is no rule, unless ``restore`` (undoing a temporary one).
+        """
+        from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+
+        mapping = self.conversion_mapping(zero_dim_one_element=zero_dim_one_element)
+        if not mapping and not restore:
+            return
+        for name in [self.routed_model_type] + [cls.__name__ for cls in self.model_classes.values()]:
+            register_checkpoint_conversion_mapping(name, mapping, overwrite=True)
 
     def validate_host_config(self, config: Any) -> None:
         num_experts, top_k = self.num_experts(config), self.top_k(config)
@@ -270,6 +293,21 @@ class RoutedConfigMixin:
 class RoutedPreTrainedMixin:
     """Placed in front of the host ``*PreTrainedModel``; inherited by base *and* head models so
     every sub-``PreTrainedModel`` initialises our routers (pitfall 4)."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN206
+        # A local checkpoint of hf-moe-routers 0.1.0 stores one-number router parameters 0-dim;
+        # they are [1] now. Read them through a temporary conversion rule (see
+        # FamilyAdapter.conversion_mapping for why the rule is not always registered).
+        adapter = next((a for a in FAMILIES.values() if cls in a.model_classes.values()), None)
+        legacy = adapter is not None and _has_zero_dim_one_element_tensors(pretrained_model_name_or_path)
+        if not legacy:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)  # type: ignore[misc]
+        adapter.register_conversion_mapping(zero_dim_one_element=True)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)  # type: ignore[misc]
+        finally:
+            adapter.register_conversion_mapping(restore=True)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -352,6 +390,26 @@ class RoutedPreTrainedMixin:
 # --------------------------------------------------------------------------------------------
 
 
+def _has_zero_dim_one_element_tensors(path: Any) -> bool:
+    """Whether a local checkpoint folder holds a 0-dim ``scorer.<one-element parameter>`` tensor.
+
+    Reads only the safetensors headers (8-byte length, then JSON with each tensor's shape).
+    """
+    folder = Path(str(path)) if isinstance(path, (str, os.PathLike)) else None
+    if folder is None or not folder.is_dir():
+        return False
+    for file in sorted(folder.glob("*.safetensors")):
+        with open(file, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        for key, info in header.items():
+            parts = key.rsplit(".", 2)
+            if len(parts) == 3 and parts[1] == "scorer" and parts[2] in ONE_ELEMENT_PARAMETERS:
+                if isinstance(info, dict) and info.get("shape") == []:
+                    return True
+    return False
+
+
 def _register_recordable_outputs(module: nn.Module) -> None:
     """transformers keys what a model records (``_can_record_outputs``) by the *class name* seen in
     ``PreTrainedModel.__init__``; a model whose class we swap afterwards must be registered again,
@@ -386,6 +444,14 @@ def convert_to_routed(
         if routed_cls is not None:
             module.__class__ = routed_cls
             _register_recordable_outputs(module)
+    for module in model.modules():
+        # post_init copied the host classes' float32 lists onto each instance, merged upwards
+        # (DeepSeek-V3 keeps `gate.weight`, which a routed gate does not have): take the routed
+        # class's own lists; a following post_init merges them again.
+        if isinstance(module, RoutedPreTrainedMixin):
+            for name in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
+                if name in vars(module):
+                    setattr(module, name, set(getattr(type(module), name, None) or []))
     config = model.config  # type: ignore[attr-defined]
     hidden, experts, bias = adapter.hidden_size(config), adapter.num_experts(config), adapter.has_bias(config)
     converted = []

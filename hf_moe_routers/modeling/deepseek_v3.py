@@ -76,6 +76,8 @@ class RoutedDeepseekV3Config(RoutedConfigMixin, DeepseekV3Config):
 
 class RoutedDeepseekV3PreTrainedModel(RoutedPreTrainedMixin, DeepseekV3PreTrainedModel):
     config: RoutedDeepseekV3Config
+    # The host keeps its gate's weight in float32; ours are the scorer's parameters.
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.scorer"]
 
     @torch.no_grad()
     def _init_weights(self, module: torch.nn.Module) -> None:
