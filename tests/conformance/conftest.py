@@ -162,7 +162,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     from pathlib import Path
 
-    from _sdist import cache_dir
+    from conformance._sdist import cache_dir
 
     path = Path(config.getoption("--conformance-report") or cache_dir() / "last-run.json")
     path.parent.mkdir(parents=True, exist_ok=True)

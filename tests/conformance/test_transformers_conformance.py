@@ -46,9 +46,10 @@ import traceback
 import unittest
 
 import pytest
-from _known import control_known_failure, routed_allowed
-from _sdist import SdistUnavailable, import_root
-from _testers import (
+
+from conformance._known import control_known_failure, routed_allowed
+from conformance._sdist import SdistUnavailable, import_root
+from conformance._testers import (
     FAMILY_NAMES,
     HOSTS,
     ROUTER_TYPES,
@@ -57,7 +58,6 @@ from _testers import (
     config_tester_kwargs,
     model_classes,
 )
-
 from hf_moe_routers.modeling import FAMILIES
 
 # Without transformers' test code a dev run skips this module with the reason; CI (CI=true) fails.
