@@ -24,7 +24,7 @@ from torch import nn
 
 from .modeling.base import FAMILIES, RoutedRouterMixin, convert_to_routed, family_for_model
 from .routers import RouterConfig
-from .trainers.sharding import is_sharded_or_distributed
+from .sharding import is_sharded_or_distributed
 
 __all__ = ["PatchReport", "distill_router", "drop_reference_gates", "patch_moe_routers", "routing_agreement"]
 

@@ -138,7 +138,7 @@ class SRMoEScorer(RouterScorer):
         need_bound = bool(self.spectral_bound <= 0)
         need_power = not bool(self.power_u.any())
         if need_bound or need_power:
-            self._calibrate(full_tensor(matrix).detach().float(), bound=need_bound, power=need_power)
+            self._calibrate(matrix.detach().float(), bound=need_bound, power=need_power)
         self._calibrated = True
 
     @torch.no_grad()

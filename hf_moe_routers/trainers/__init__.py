@@ -1,10 +1,10 @@
 """Training: ``MoERouterTrainer``, its arguments, the routing history and plots."""
 
+from ..sharding import gathered_router_parameters
 from .arguments import MoERouterTrainingArguments
 from .collector import RouterCollector, RouterInfo, find_routers
 from .history import RoutingHistory, RoutingRecord
 from .plots import RoutingPlotCallback, plot_load_heatmap, plot_router_curves, save_routing_plots
-from .sharding import gathered_router_parameters
 from .trainer import MoERouterTrainer
 
 __all__ = [

@@ -37,10 +37,10 @@ from torch import nn
 from transformers import ProgressCallback, Trainer
 
 from .. import metrics as M
+from ..sharding import gathered_router_parameters
 from .arguments import MoERouterTrainingArguments
 from .collector import RouterCapture, RouterCollector, RouterInfo, routing_scoring
 from .history import RoutingHistory, RoutingRecord
-from .sharding import gathered_router_parameters
 
 __all__ = ["MoERouterTrainer"]
 

@@ -1,4 +1,7 @@
-"""Whole router parameters outside forward, whatever shards them.
+"""Whole router parameters outside forward, whatever shards them; and whether a model is distributed.
+
+Used by the Trainer (statistics outside forward) and by ``patch_moe_routers`` (patch first, then
+distribute), so it sits below both.
 
 FSDP2 (``fully_shard``, applied by ``from_pretrained(distributed_config=DistributedConfig(fsdp_size=...))``
 or by ``accelerate launch`` with ``fsdp_version: 2``) keeps every parameter of a sharded unit as a
@@ -20,6 +23,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
+
+from .routers.base import _DTensor
 
 __all__ = ["fsdp2_units_owning", "gathered_router_parameters", "is_sharded_or_distributed"]
 
@@ -68,7 +73,7 @@ def gathered_router_parameters(
     in module order) and frees them again on exit; every rank must enter the block.
     """
     if routers is None:
-        from ..modeling.base import RoutedRouterMixin
+        from .modeling.base import RoutedRouterMixin
 
         routers = [m for m in model.modules() if isinstance(m, RoutedRouterMixin)]
     units = fsdp2_units_owning(model, list(routers))
@@ -97,15 +102,10 @@ def is_sharded_or_distributed(model: nn.Module) -> str | None:
             module, "_is_fsdp_managed_module", False
         ):
             return f"module {name or '<root>'!r} is managed by FSDP"
-    if torch.distributed.is_available():
-        try:
-            from torch.distributed.tensor import DTensor
-        except ImportError:  # pragma: no cover
-            DTensor = None  # noqa: N806
-        if DTensor is not None:
-            for name, param in model.named_parameters():
-                if isinstance(param, DTensor):
-                    return f"parameter {name!r} is a DTensor sharded as {tuple(param.placements)}"
+    if _DTensor is not None:
+        for name, param in model.named_parameters():
+            if isinstance(param, _DTensor):
+                return f"parameter {name!r} is a DTensor sharded as {tuple(param.placements)}"
     config = getattr(model, "config", None)
     if getattr(config, "distributed_config", None) is not None:
         return "it was loaded with from_pretrained(distributed_config=...)"
