@@ -10,7 +10,7 @@ Reload the adapter on a freshly loaded (or freshly patched) base:
     model = PeftModel.from_pretrained(base, "outputs/lora")
 """
 
-from hf_moe_routers.trainers.lora import main
+from hf_moe_routers.scripts.lora import main
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,7 @@ Every `MoERouterTrainingArguments` / `TrainingArguments` flag works (`--bf16`, `
 pooled`, `--report_to tensorboard`, ...); `python examples/train_clm.py --help` lists them.
 """
 
-from hf_moe_routers.trainers.clm import main
+from hf_moe_routers.scripts.clm import main
 
 if __name__ == "__main__":
     main()

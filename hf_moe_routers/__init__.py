@@ -8,6 +8,7 @@ Importing the package registers the routed model types (``routed_mixtral``, ``ro
 ``routed_qwen3_moe``, ``routed_olmoe``, ``routed_switch_transformers``) with the Auto classes.
 """
 
+from .distillation import distill_router
 from .export import export_to_family
 from .kernels import register_experts_implementation
 from .modeling import (
@@ -29,7 +30,8 @@ from .modeling import (
     RoutedSwitchTransformersModel,
     supported_families,
 )
-from .patching import PatchReport, distill_router, drop_reference_gates, patch_moe_routers, routing_agreement
+from .modeling.publishing import push_folder_to_hub, push_routed_to_hub, save_routed_pretrained
+from .patching import PatchReport, drop_reference_gates, patch_moe_routers, routing_agreement
 from .routers import (
     CosineRouterConfig,
     L2RConfig,
@@ -37,8 +39,7 @@ from .routers import (
     RouterConfig,
     SRMoEConfig,
 )
-
-__version__ = "0.1.0"
+from .version import __version__
 
 # Makes `experts_implementation="hf_moe_routers"` available to every transformers MoE model.
 register_experts_implementation()
@@ -70,7 +71,11 @@ __all__ = [
     "drop_reference_gates",
     "export_to_family",
     "patch_moe_routers",
+    "push_folder_to_hub",
+    "push_routed_to_hub",
     "register_experts_implementation",
+    "__version__",
     "routing_agreement",
+    "save_routed_pretrained",
     "supported_families",
 ]

@@ -172,8 +172,9 @@ def run_patch(args: argparse.Namespace) -> int:
     """Load, patch, optionally distil, save with remote code and a model card; print the reports."""
     import torch
 
-    from .hub import save_routed_pretrained
-    from .patching import distill_router, patch_moe_routers
+    from .distillation import distill_router
+    from .modeling.publishing import save_routed_pretrained
+    from .patching import patch_moe_routers
 
     folder = _model_folder(args.model_path)
     router_config = _router_config(args.router_type, args.router_kwargs)
@@ -236,7 +237,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_card(args: argparse.Namespace) -> int:
     """Render README.md for a saved folder (optionally with a metrics JSON)."""
-    from .hub import folder_model_card, is_generated_card
+    from .cards import folder_model_card, is_generated_card
 
     folder = _model_folder(args.model_path)
     config = _load_config(folder)
@@ -279,7 +280,7 @@ def _inspect_metrics(
     import torch
 
     from . import metrics as M
-    from .trainers.collector import RouterCollector
+    from .reporting.collector import RouterCollector
 
     collector = RouterCollector(model)
     logits: list[list[torch.Tensor]] = [[] for _ in collector.routers]
@@ -318,7 +319,7 @@ def _json_values(values: dict[str, float]) -> dict[str, float | str]:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """Print the router config and the per-layer routing metrics of a saved model on a text."""
-    from .hub.remote_code import model_type_of
+    from .families import model_type_of
     from .modeling import FAMILIES
 
     folder = _model_folder(args.model_path)
@@ -394,7 +395,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_patch_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .scripts.demo import run_demo
 
     rows = run_demo(seed=args.seed, distill_steps=args.distill_steps)
     return 0 if all(row["reload_identical"] for row in rows) else 1
@@ -496,12 +497,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # train and finetune own their flags (HfArgumentParser over TrainingArguments): hand them over.
     if argv and argv[0] == "train":
-        from .trainers.clm import main as train_main
+        from .scripts.clm import main as train_main
 
         train_main(argv[1:])
         return 0
     if argv and argv[0] == "finetune":
-        from .trainers.finetune import main as finetune_main
+        from .scripts.finetune import main as finetune_main
 
         finetune_main(argv[1:])
         return 0

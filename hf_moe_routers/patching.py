@@ -6,8 +6,8 @@ initialised from the pretrained gate; the model and config objects get the famil
 classes, so ``save_pretrained`` writes a ``routed_<family>`` checkpoint that
 ``AutoModelForCausalLM.from_pretrained`` restores. No other model or class in the process changes.
 
-``distill_router`` then trains only router parameters to match the original routing (KL), which
-raises the top-k agreement that a change of scoring function (L2R, cosine, prototypes) loses.
+The patch report measures top-k agreement with the original gates (kept as ``reference_weight``);
+``hf_moe_routers.distillation.distill_router`` then raises it by fitting the new routers to them.
 """
 
 from __future__ import annotations
@@ -22,11 +22,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modeling.base import FAMILIES, RoutedRouterMixin, convert_to_routed, family_for_model
+from .families import family_for_model
+from .modeling.base import RoutedRouterMixin, convert_to_routed
 from .routers import RouterConfig
 from .sharding import is_sharded_or_distributed
 
-__all__ = ["PatchReport", "distill_router", "drop_reference_gates", "patch_moe_routers", "routing_agreement"]
+__all__ = [
+    "PatchReport",
+    "as_batches",
+    "capture_router_inputs",
+    "drop_reference_gates",
+    "patch_moe_routers",
+    "reference_logits",
+    "routing_agreement",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +75,8 @@ class PatchReport:
 # --------------------------------------------------------------------------------------------
 
 
-def _reference_logits(router: nn.Module, x_TH: torch.Tensor) -> torch.Tensor:
+def reference_logits(router: nn.Module, x_TH: torch.Tensor) -> torch.Tensor:
+    """Float32 logits ``[T, E]`` of the pretrained gate a patched router keeps (``reference_weight``)."""
     weight = router.reference_weight  # type: ignore[attr-defined]
     bias = getattr(router, "reference_bias", None)
     return F.linear(x_TH.float(), weight.float(), None if bias is None else bias.float())
@@ -85,7 +95,7 @@ def routing_agreement(router: nn.Module, x_TH: torch.Tensor) -> dict[str, float]
         )
     k = _top_k(router)
     new_TK = router.scorer(x_TH).float().topk(k, dim=-1).indices  # type: ignore[attr-defined]
-    ref_TK = _reference_logits(router, x_TH).topk(k, dim=-1).indices
+    ref_TK = reference_logits(router, x_TH).topk(k, dim=-1).indices
     overlap = (new_TK.unsqueeze(-1) == ref_TK.unsqueeze(-2)).any(-1).float().sum(-1) / k
     return {
         "topk_agreement": float(overlap.mean()),
@@ -93,7 +103,7 @@ def routing_agreement(router: nn.Module, x_TH: torch.Tensor) -> dict[str, float]
     }
 
 
-def _capture_router_inputs(
+def capture_router_inputs(
     model: nn.Module, routers: list[tuple[str, nn.Module]], batch: Mapping[str, Any]
 ) -> dict[str, torch.Tensor]:
     """Run ``model(**batch)`` without gradients and return each router's input ``[T, H]``.
@@ -125,7 +135,8 @@ def _capture_router_inputs(
     return out
 
 
-def _as_batches(batches: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+def as_batches(batches: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """One batch dict or an iterable of them, as a list."""
     if isinstance(batches, Mapping):
         return [batches]
     return list(batches)
@@ -266,8 +277,8 @@ def _report(
     layers: dict[str, dict[str, float]] = {}
     if calibration_batches is not None:
         inputs: dict[str, list[torch.Tensor]] = {name: [] for name, _ in routers}
-        for batch in _as_batches(calibration_batches):
-            for name, x in _capture_router_inputs(model, routers, batch).items():
+        for batch in as_batches(calibration_batches):
+            for name, x in capture_router_inputs(model, routers, batch).items():
                 inputs[name].append(x)
         for name, router in routers:
             layers[name] = routing_agreement(router, torch.cat(inputs[name]))
@@ -284,102 +295,3 @@ def _report(
             ref = router.reference_weight  # type: ignore[attr-defined]
             layers[name] = routing_agreement(router, hidden_states.to(ref.device))
     return PatchReport(router_type=router_config.router_type, family=family, source=source, layers=layers)
-
-
-# --------------------------------------------------------------------------------------------
-# Distillation
-# --------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def _match_logit_scale(
-    routers: list[tuple[str, nn.Module]], collected: list[dict[str, torch.Tensor]]
-) -> None:
-    for name, router in routers:
-        x_TH = torch.cat([c[name] for c in collected])
-        teacher = _reference_logits(router, x_TH).std(dim=-1).mean()
-        student = router.scorer(x_TH).float().std(dim=-1).mean()  # type: ignore[attr-defined]
-        if student > 0 and torch.isfinite(teacher / student):
-            router.scorer.scale_logits_(float(teacher / student))  # type: ignore[attr-defined]
-
-
-def distill_router(
-    model: nn.Module,
-    batches: Mapping[str, Any] | Iterable[Mapping[str, Any]],
-    steps: int = 100,
-    *,
-    lr: float = 1e-2,
-    temperature: float = 1.0,
-    weight_decay: float = 0.0,
-    match_scale: bool = True,
-) -> PatchReport:
-    """Train only router parameters so each router's softmax matches its reference gate (KL).
-
-    The model runs once per batch without gradients to collect each router's real inputs (padding
-    dropped); every step then fits all routers on those inputs at once. Every other parameter is
-    left untouched (no gradients are computed for it).
-
-    Args:
-        model: a model patched with ``keep_reference=True`` (the default).
-        batches: model inputs (a dict or an iterable of dicts) to take router inputs from.
-        steps: optimisation steps (≥ 1), cycling over the collected batches.
-        lr: AdamW learning rate.
-        temperature: softmax temperature of teacher and student in the KL.
-        weight_decay: AdamW weight decay.
-        match_scale: first rescale each student's logits (L2R's γ, the cosine temperature) so
-            their mean per-token spread matches the teacher's; bounded scorers otherwise spend
-            the first steps chasing the teacher's scale and lose the SVD init's ranking.
-
-    Returns:
-        A ``PatchReport`` of top-k agreement after distillation on the collected inputs.
-    """
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer; got {steps!r}.")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0; got {lr!r}.")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0; got {temperature!r}.")
-    routers = [(n, m) for n, m in model.named_modules() if isinstance(m, RoutedRouterMixin)]
-    if not routers:
-        raise ValueError("distill_router needs a model patched with patch_moe_routers.")
-    missing = [n for n, m in routers if getattr(m, "reference_weight", None) is None]
-    if missing:
-        raise ValueError(
-            f"Routers {missing[:3]}... keep no reference gate: call distill_router right after "
-            "patch_moe_routers(..., keep_reference=True)."
-        )
-    batch_list = _as_batches(batches)
-    if not batch_list:
-        raise ValueError("distill_router needs at least one batch.")
-    was_training = model.training
-    model.eval()
-    collected: list[dict[str, torch.Tensor]] = [_capture_router_inputs(model, routers, b) for b in batch_list]
-
-    if match_scale:
-        _match_logit_scale(routers, collected)
-    params = [p for _, r in routers for p in r.scorer.parameters() if p.requires_grad]  # type: ignore[attr-defined]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    for _, router in routers:
-        router.scorer.train()  # type: ignore[attr-defined]
-    for step in range(steps):
-        inputs = collected[step % len(collected)]
-        loss = torch.zeros((), device=params[0].device)
-        for name, router in routers:
-            x_TH = inputs[name]
-            with torch.no_grad():
-                teacher = F.log_softmax(_reference_logits(router, x_TH) / temperature, dim=-1)
-            student = F.log_softmax(router.scorer(x_TH).float() / temperature, dim=-1)  # type: ignore[attr-defined]
-            loss = loss + F.kl_div(student, teacher, log_target=True, reduction="batchmean")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    model.train(was_training)
-
-    layers = {
-        name: routing_agreement(router, torch.cat([c[name] for c in collected])) for name, router in routers
-    }
-    family = FAMILIES[model.config.model_type].name  # type: ignore[attr-defined]
-    router_type = routers[0][1].router_config.router_type  # type: ignore[attr-defined]
-    report = PatchReport(router_type=router_type, family=family, source="distillation batches", layers=layers)
-    logger.info("after distillation: %s", report)
-    return report

@@ -7,8 +7,8 @@ from pathlib import Path
 from conftest import RandomTokens, tiny_model
 
 import hf_moe_routers as H
+from hf_moe_routers.scripts.launch import end_distributed
 from hf_moe_routers.trainers import MoERouterTrainer, MoERouterTrainingArguments
-from hf_moe_routers.trainers.launch import end_distributed
 
 output = Path(sys.argv[1])
 model = H.patch_moe_routers(tiny_model("mixtral"), H.SRMoEConfig())

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_moe_routers.adaptation import (
+from hf_moe_routers.experiments.adaptation import (
     AdaptationBudget,
     AdaptationTarget,
     CausalLMTarget,
@@ -19,7 +19,7 @@ from hf_moe_routers.adaptation import (
     preserved_parameters,
     select_experts,
 )
-from hf_moe_routers.modeling.vision import MoEImageClassifier, MoEImageClassifierConfig
+from hf_moe_routers.experiments.vision_model import MoEImageClassifier, MoEImageClassifierConfig
 
 
 class ToyTarget(AdaptationTarget):

@@ -16,12 +16,13 @@ from conftest import tiny_model
 from transformers import AutoModelForCausalLM, BertConfig
 
 import hf_moe_routers as H
-from hf_moe_routers import data_utils, hub
+from hf_moe_routers import cards, data_utils, modeling
 from hf_moe_routers import metrics as M
 from hf_moe_routers.cli import COMMANDS, main
 
 REMOTE_FILES = {
     "modeling_routed_moe.py",
+    "routed_moe_families.py",
     "routed_moe_modeling_base.py",
     "routed_moe_routers.py",
     "routed_moe_routers_base.py",
@@ -138,7 +139,7 @@ def test_patch_distils_and_saves_exactly_what_the_api_would(text_model, tmp_path
     assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
     files = {p.name for p in out.iterdir()}
     assert MODEL_FILES | REMOTE_FILES <= files and "tokenizer.json" in files
-    assert hub.check_remote_code(out) == []
+    assert modeling.check_remote_code(out) == []
     card = (out / "README.md").read_text()
     assert (
         f"Patched from | `{text_model['model']}`" in card
@@ -264,7 +265,7 @@ def test_missing_required_option_is_an_argparse_error(olmoe_folder, capsys):
 
 def test_card_renders_a_metrics_json_and_keeps_hand_written_readmes(tmp_path, capsys):
     folder = tmp_path / "model"
-    hub.save_routed_pretrained(
+    modeling.save_routed_pretrained(
         H.patch_moe_routers(tiny_model("mixtral"), H.CosineRouterConfig(dim=6)), folder
     )
     metrics = {
@@ -304,7 +305,7 @@ def test_card_renders_a_metrics_json_and_keeps_hand_written_readmes(tmp_path, ca
     )
     assert main(["card", str(folder), "--output", str(tmp_path / "CARD.md")]) == 0
     assert "cosine-router" in (tmp_path / "CARD.md").read_text()
-    assert main(["card", str(folder), "--force"]) == 0 and hub.is_generated_card(folder / "README.md")
+    assert main(["card", str(folder), "--force"]) == 0 and cards.is_generated_card(folder / "README.md")
 
 
 def test_card_reports_bad_input_with_status_2(tmp_path, capsys):
@@ -327,7 +328,7 @@ def test_inspect_metrics_match_a_direct_computation(text_model, tmp_path, capsys
     model = H.patch_moe_routers(
         AutoModelForCausalLM.from_pretrained(text_model["model"]), H.L2RConfig(rank=8, num_anchors=2)
     )
-    hub.save_routed_pretrained(model, folder)
+    modeling.save_routed_pretrained(model, folder)
     shutil.copy(text_model["model"] / "tokenizer.json", folder)
     shutil.copy(text_model["model"] / "tokenizer_config.json", folder)
     argv = [

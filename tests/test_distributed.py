@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from hf_moe_routers import metrics as M
-from hf_moe_routers.trainers.launch import ends_distributed
+from hf_moe_routers.scripts.launch import ends_distributed
 
 
 def _free_port() -> int:

@@ -10,8 +10,8 @@ from conftest import RandomTokens, model_inputs, tiny_model
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import hf_moe_routers as H
+from hf_moe_routers.scripts.lora import LoraArguments, lora_config
 from hf_moe_routers.trainers import MoERouterTrainer, MoERouterTrainingArguments
-from hf_moe_routers.trainers.lora import LoraArguments, lora_config
 
 ROUTER = H.SRMoEConfig(spectral_bound=0.5, stable_rank_weight=0.1)
 

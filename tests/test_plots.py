@@ -12,7 +12,7 @@ pytest.importorskip("matplotlib")
 
 from transformers import TrainerControl, TrainerState, TrainingArguments  # noqa: E402
 
-from hf_moe_routers.trainers.history import RoutingHistory, RoutingRecord  # noqa: E402
+from hf_moe_routers.records import RoutingHistory, RoutingRecord  # noqa: E402
 from hf_moe_routers.trainers.plots import (  # noqa: E402
     CURVES_FILE,
     LOAD_HEATMAP_FILE,

@@ -10,7 +10,7 @@ from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
 import hf_moe_routers  # noqa: F401  (registers the routed model types)
-from hf_moe_routers.trainers import clm, finetune
+from hf_moe_routers.scripts import clm, finetune
 
 TINY = [
     "--hidden_size",
@@ -157,7 +157,7 @@ def test_finetune_patched_patches_distils_trains_and_saves(tmp_path):
 def test_finetune_lora_saves_an_adapter_and_a_merged_model(tmp_path):
     from peft import PeftModel
 
-    from hf_moe_routers.trainers import lora
+    from hf_moe_routers.scripts import lora
 
     base = hf_moe_routers.patch_moe_routers(tiny_model("olmoe", vocab_size=300), hf_moe_routers.SRMoEConfig())
     base.save_pretrained(tmp_path / "base")

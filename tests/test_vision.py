@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_moe_routers.modeling.vision import (
+from hf_moe_routers.experiments.vision_model import (
     DEFAULT_VISION_ROUTER,
     MoEImageClassifier,
     MoEImageClassifierConfig,

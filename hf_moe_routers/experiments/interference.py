@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adaptation import AdaptationBudget
 from . import report as R
+from .adaptation import AdaptationBudget
 from .data import DATASETS, base_new_split, load_dataset
 from .vision import (
     INTERFERENCE_ROUTERS,

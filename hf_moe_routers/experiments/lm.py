@@ -1,10 +1,10 @@
 """Experiment B: routing quality of every router in a small language MoE, and its vision counterpart.
 
-Language: the Trainer script (:func:`hf_moe_routers.trainers.clm.main`) trains an OLMoE-shaped model
+Language: the Trainer script (:func:`hf_moe_routers.scripts.clm.main`) trains an OLMoE-shaped model
 from scratch on the bundled Shakespeare subset (validation = whole held-out plays), with the same
 size, data, steps and seed set for every router. One byte-level BPE tokenizer is trained once and
 shared, so every run sees identical token blocks. After training, a few one-shot adaptation episodes
-(``hf_moe_routers.adaptation`` on the causal LM: one held-out block, the selected expert per layer,
+(``hf_moe_routers.experiments.adaptation`` on the causal LM: one held-out block, the selected expert per layer,
 same budget) show the API on a language model: interference = change of next-token accuracy on
 training-play blocks, gain = change on other held-out blocks.
 
@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adaptation import AdaptationBudget, CausalLMTarget, one_shot_episode
 from . import report as R
+from .adaptation import AdaptationBudget, CausalLMTarget, one_shot_episode
 from .data import load_dataset
 from .vision import ROUTER_LABELS, VisionSettings, accuracy, build_model, routing_quality, train_base
 
@@ -188,8 +188,8 @@ def run_lm(
 ) -> dict[str, Any]:
     """Run experiment B; write ``{prefix}lm.{json,md}`` and the load heatmaps to ``out_dir``."""
     from .. import data_utils
-    from ..trainers.clm import main as train_clm
-    from ..trainers.history import RoutingHistory
+    from ..records import RoutingHistory
+    from ..scripts.clm import main as train_clm
 
     start = time.perf_counter()
     texts = data_utils.bundled_corpus()

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adaptation import AdaptationBudget
 from . import report as R
+from .adaptation import AdaptationBudget
 from .data import base_new_split, load_dataset
 from .interference import DEFAULT_SETTINGS
 from .vision import (

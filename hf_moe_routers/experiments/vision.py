@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import metrics as M
-from ..adaptation import AdaptationBudget, VisionTarget, one_shot_episode
-from ..modeling.vision import MoEImageClassifier, MoEImageClassifierConfig
+from .adaptation import AdaptationBudget, VisionTarget, one_shot_episode
 from .data import ImageData
+from .vision_model import MoEImageClassifier, MoEImageClassifierConfig
 
 __all__ = [
     "INTERFERENCE_ROUTERS",
@@ -63,7 +63,7 @@ class VisionSettings:
         hidden_size, num_experts, expert_intermediate_size, stem_channels: model sizes.
         top_k: None (dense soft routing) or K (sparse top-K).
         routing_temperature: τ dividing every router's logits.
-        residual: residual stages (see ``modeling/vision.py``).
+        residual: residual stages (see ``experiments/vision_model.py``).
         balance_weight: load-balancing loss weight during base training (0 = off).
         sr_weight: if set, both SR-MoE penalty weights λ_σ = λ_sr (SR-MoE routers only).
         processor_weight: SR penalty weights on the local processors (0 = off; any router).

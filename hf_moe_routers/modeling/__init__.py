@@ -10,16 +10,18 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from .base import (
+from ..families import (
     FAMILIES,
     ONE_ELEMENT_PARAMETERS,
     FamilyAdapter,
     OneElementVector,
+    family_for_model,
+    supported_families,
+)
+from .base import (
     RoutedConfigMixin,
     RoutedPreTrainedMixin,
     RoutedRouterMixin,
-    family_for_model,
-    supported_families,
 )
 from .deepseek_v3 import (
     RoutedDeepseekV3Config,
@@ -49,6 +51,7 @@ from .olmoe import (
     RoutedOlmoePreTrainedModel,
     RoutedOlmoeTopKRouter,
 )
+from .publishing import push_folder_to_hub, push_routed_to_hub, save_routed_pretrained, write_hub_files
 from .qwen2_moe import (
     RoutedQwen2MoeConfig,
     RoutedQwen2MoeForCausalLM,
@@ -63,6 +66,14 @@ from .qwen3_moe import (
     RoutedQwen3MoePreTrainedModel,
     RoutedQwen3MoeTopKRouter,
 )
+from .remote_code import (
+    ENTRY_MODULE,
+    RemoteCodeFile,
+    auto_map_for,
+    check_remote_code,
+    prepare_remote_code,
+    remote_code_files,
+)
 from .switch_transformers import (
     RoutedSwitchTransformersConfig,
     RoutedSwitchTransformersEncoderModel,
@@ -72,7 +83,6 @@ from .switch_transformers import (
     RoutedSwitchTransformersStack,
     RoutedSwitchTransformersTop1Router,
 )
-from .vision import MoEImageClassifier, MoEImageClassifierConfig, register_vision_auto_classes
 
 _CAUSAL_LM = (
     (RoutedMixtralConfig, RoutedMixtralModel, RoutedMixtralForCausalLM),
@@ -100,14 +110,20 @@ def register_auto_classes() -> None:
 
 
 register_auto_classes()
-register_vision_auto_classes()
 
 __all__ = [
+    "ENTRY_MODULE",
+    "RemoteCodeFile",
+    "auto_map_for",
+    "check_remote_code",
+    "prepare_remote_code",
+    "push_folder_to_hub",
+    "push_routed_to_hub",
+    "remote_code_files",
+    "save_routed_pretrained",
+    "write_hub_files",
     "ONE_ELEMENT_PARAMETERS",
     "OneElementVector",
-    "MoEImageClassifier",
-    "MoEImageClassifierConfig",
-    "register_vision_auto_classes",
     "FAMILIES",
     "RoutedDeepseekV3Config",
     "RoutedDeepseekV3ForCausalLM",

@@ -10,73 +10,27 @@ so parameters, hooks, device and every other model in the process are left alone
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import struct
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers.core_model_loading import ConversionOps
 
-from ..routers import SCORERS, RouterConfig, RouterScorer, build_scorer
+from ..families import FAMILIES, ONE_ELEMENT_PARAMETERS, FamilyAdapter
+from ..routers import RouterConfig, RouterScorer, build_scorer
 
 __all__ = [
-    "ONE_ELEMENT_PARAMETERS",
-    "OneElementVector",
-    "FamilyAdapter",
     "RoutedConfigMixin",
     "RoutedPreTrainedMixin",
     "RoutedRouterMixin",
     "SoftmaxTopKRoutedRouter",
     "convert_to_routed",
-    "register_family",
-    "family_for_model",
-    "FAMILIES",
 ]
 
 DEFAULT_ROUTER = {"router_type": "linear"}
-
-
-#: Every router parameter that holds one number, over all router types (see
-#: ``RouterScorer.one_element_parameters``).
-ONE_ELEMENT_PARAMETERS: frozenset[str] = frozenset(
-    name for cls in SCORERS.values() for name in cls.one_element_parameters
-)
-
-
-class OneElementVector(ConversionOps):
-    """A transformers conversion op: one tensor in, the same numbers as a ``[1]`` vector out.
-
-    Loading: hf-moe-routers 0.1.0 saved one-number router parameters 0-dim; they are ``[1]`` now
-    (FSDP2 refuses 0-dim parameters). Saving applies the same op, so checkpoints are written ``[1]``.
-    """
-
-    def convert(
-        self,
-        input_dict: dict[str, Any],
-        source_patterns: list[str],
-        target_patterns: list[str],
-        **kwargs: Any,
-    ) -> dict[str, torch.Tensor]:
-        if len(input_dict) != 1:
-            raise ValueError(
-                f"OneElementVector converts one tensor at a time; got keys {sorted(input_dict)}."
-            )
-        (value,) = input_dict.values()
-        tensor = value[0] if isinstance(value, list) else value
-        # Only a 0-dim tensor is rewritten: under FSDP2 transformers hands each rank its shard of the
-        # [1] vector before conversion ([1] on one rank, [0] on the other), which pass unchanged.
-        if tensor.dim() == 0:
-            tensor = tensor.reshape(1)
-        return {target_patterns[0]: tensor}
-
-    @property
-    def reverse_op(self) -> OneElementVector:
-        return OneElementVector()
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,97 +123,6 @@ class SoftmaxTopKRoutedRouter(RoutedRouterMixin):
         if self.cast_weights_to_logits_dtype:
             weights_TK = weights_TK.to(logits_TE.dtype)
         return logits_TE, weights_TK, indices_TK
-
-
-# --------------------------------------------------------------------------------------------
-# Family adapters
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class FamilyAdapter:
-    """Everything the patcher and the model classes need to know about one host family."""
-
-    name: str
-    host_model_type: str
-    routed_model_type: str
-    host_router_class: type[nn.Module]
-    routed_router_class: type[nn.Module]
-    routed_config_class: type
-    model_classes: dict[type, type]
-    hidden_size: Callable[[Any], int]
-    num_experts: Callable[[Any], int]
-    top_k: Callable[[Any], int]
-    dense_gate: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor | None]]
-    has_bias: Callable[[Any], bool] = lambda config: False
-
-    def conversion_mapping(self, *, zero_dim_one_element: bool = False) -> list[Any]:
-        """transformers' checkpoint conversion rules for this family's routed classes.
-
-        The host family's own rules (legacy per-expert layouts; classes defined outside
-        transformers get none by default). With ``zero_dim_one_element``, also a rule per
-        one-element router parameter that reads the 0-dim tensors of hf-moe-routers 0.1.0
-        checkpoints as ``[1]``; ``RoutedPreTrainedMixin.from_pretrained`` adds those only while it
-        loads such a checkpoint (transformers expects every registered rule to match the keys of
-        every checkpoint the class saves, and most routers have no such parameter).
-        """
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-        from transformers.core_model_loading import WeightConverter
-
-        mapping = list(get_checkpoint_conversion_mapping(self.host_model_type) or [])
-        if zero_dim_one_element:
-            for name in sorted(ONE_ELEMENT_PARAMETERS):
-                pattern = f"scorer.{name}"
-                mapping.append(WeightConverter(pattern, pattern, operations=[OneElementVector()]))
-        return mapping
-
-    def register_conversion_mapping(
-        self, *, zero_dim_one_element: bool = False, restore: bool = False
-    ) -> None:
-        """Register ``conversion_mapping`` under the routed model type and every routed class name.
-
-        Nothing is registered when there is no rule, unless ``restore`` (undoing a temporary one).
-        """
-        from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-
-        mapping = self.conversion_mapping(zero_dim_one_element=zero_dim_one_element)
-        if not mapping and not restore:
-            return
-        for name in [self.routed_model_type] + [cls.__name__ for cls in self.model_classes.values()]:
-            register_checkpoint_conversion_mapping(name, mapping, overwrite=True)
-
-    def validate_host_config(self, config: Any) -> None:
-        num_experts, top_k = self.num_experts(config), self.top_k(config)
-        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(
-                f"{type(config).__name__}: the number of experts per token (top_k) must be between 1 and "
-                f"the number of experts {num_experts}; got {top_k!r}."
-            )
-
-
-FAMILIES: dict[str, FamilyAdapter] = {}
-
-
-def register_family(adapter: FamilyAdapter) -> FamilyAdapter:
-    FAMILIES[adapter.host_model_type] = adapter
-    FAMILIES[adapter.routed_model_type] = adapter
-    return adapter
-
-
-def supported_families() -> list[str]:
-    return sorted({adapter.host_model_type for adapter in FAMILIES.values()})
-
-
-def family_for_model(model: nn.Module) -> FamilyAdapter:
-    """The adapter for a transformers model; a clear error for anything we do not support."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in FAMILIES:
-        raise ValueError(
-            f"hf_moe_routers does not support model_type={model_type!r} ({type(model).__name__}); "
-            f"supported families: {', '.join(supported_families())}."
-        )
-    return FAMILIES[model_type]
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,16 +221,17 @@ class RoutedPreTrainedMixin:
 
     def save_pretrained(self, save_directory, *args, **kwargs):  # noqa: ANN001, ANN201 - transformers' signature
         """``PreTrainedModel.save_pretrained``, plus the files that make the folder publishable:
-        self-contained remote code (``auto_map``) and a model card (see ``hf_moe_routers.hub``)."""
+        self-contained remote code (``auto_map``) and a model card (``modeling/publishing.py``)."""
         super().save_pretrained(save_directory, *args, **kwargs)  # type: ignore[misc]
         if kwargs.get("is_main_process", True):
-            from ..hub import write_hub_files  # late: hf_moe_routers.hub imports the modeling
+            # Late and left out of the remote code: publishing generates that code from this file.
+            from .publishing import write_hub_files
 
             write_hub_files(self, save_directory)
 
     def push_to_hub(self, repo_id, **kwargs):  # noqa: ANN001, ANN201 - transformers' signature
         """Upload weights, config with ``auto_map``, remote code, card and plots."""
-        from ..hub import push_routed_to_hub
+        from .publishing import push_routed_to_hub
 
         if push_routed_to_hub is None:  # remote code: transformers' own upload
             return super().push_to_hub(repo_id, **kwargs)  # type: ignore[misc]

@@ -18,13 +18,12 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
     DeepseekV3TopkRouter,
 )
 
+from ..families import FamilyAdapter, register_family
 from .base import (
-    FamilyAdapter,
     RoutedConfigMixin,
     RoutedPreTrainedMixin,
     RoutedRouterMixin,
     convert_to_routed,
-    register_family,
 )
 
 __all__ = [

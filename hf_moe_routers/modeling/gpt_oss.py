@@ -17,13 +17,12 @@ from transformers.models.gpt_oss.modeling_gpt_oss import (
     GptOssTopKRouter,
 )
 
+from ..families import FamilyAdapter, register_family
 from .base import (
-    FamilyAdapter,
     RoutedConfigMixin,
     RoutedPreTrainedMixin,
     RoutedRouterMixin,
     convert_to_routed,
-    register_family,
 )
 
 __all__ = [

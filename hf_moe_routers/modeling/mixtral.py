@@ -10,13 +10,12 @@ from transformers.models.mixtral.modeling_mixtral import (
     MixtralTopKRouter,
 )
 
+from ..families import FamilyAdapter, register_family
 from .base import (
-    FamilyAdapter,
     RoutedConfigMixin,
     RoutedPreTrainedMixin,
     SoftmaxTopKRoutedRouter,
     convert_to_routed,
-    register_family,
 )
 
 __all__ = [

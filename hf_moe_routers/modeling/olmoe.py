@@ -10,13 +10,12 @@ from transformers.models.olmoe.modeling_olmoe import (
     OlmoeTopKRouter,
 )
 
+from ..families import FamilyAdapter, register_family
 from .base import (
-    FamilyAdapter,
     RoutedConfigMixin,
     RoutedPreTrainedMixin,
     SoftmaxTopKRoutedRouter,
     convert_to_routed,
-    register_family,
 )
 
 __all__ = [

@@ -10,13 +10,12 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import (
     Qwen2MoeTopKRouter,
 )
 
+from ..families import FamilyAdapter, register_family
 from .base import (
-    FamilyAdapter,
     RoutedConfigMixin,
     RoutedPreTrainedMixin,
     SoftmaxTopKRoutedRouter,
     convert_to_routed,
-    register_family,
 )
 
 __all__ = [

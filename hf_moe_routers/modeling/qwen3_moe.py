@@ -10,13 +10,12 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     Qwen3MoeTopKRouter,
 )
 
+from ..families import FamilyAdapter, register_family
 from .base import (
-    FamilyAdapter,
     RoutedConfigMixin,
     RoutedPreTrainedMixin,
     SoftmaxTopKRoutedRouter,
     convert_to_routed,
-    register_family,
 )
 
 __all__ = [

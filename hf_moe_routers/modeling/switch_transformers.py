@@ -21,13 +21,12 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
     SwitchTransformersTop1Router,
 )
 
+from ..families import FamilyAdapter, register_family
 from .base import (
-    FamilyAdapter,
     RoutedConfigMixin,
     RoutedPreTrainedMixin,
     RoutedRouterMixin,
     convert_to_routed,
-    register_family,
 )
 
 __all__ = [

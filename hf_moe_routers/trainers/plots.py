@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .history import RoutingHistory, RoutingRecord
+from ..records import RoutingHistory, RoutingRecord
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

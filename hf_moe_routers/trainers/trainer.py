@@ -37,10 +37,10 @@ from torch import nn
 from transformers import ProgressCallback, Trainer
 
 from .. import metrics as M
+from ..records import RoutingHistory, RoutingRecord
+from ..reporting.collector import RouterCapture, RouterCollector, RouterInfo, routing_scoring
 from ..sharding import gathered_router_parameters
 from .arguments import MoERouterTrainingArguments
-from .collector import RouterCapture, RouterCollector, RouterInfo, routing_scoring
-from .history import RoutingHistory, RoutingRecord
 
 __all__ = ["MoERouterTrainer"]
 
@@ -184,7 +184,7 @@ class MoERouterTrainer(Trainer):
     def create_model_card(self, **kwargs: Any) -> None:
         """A routed-model card (router config, routing-metric table, plots, citations) in
         ``output_dir``; ``Trainer.push_to_hub`` calls it before uploading."""
-        from ..hub import write_trainer_model_card
+        from ..cards import write_trainer_model_card
 
         write_trainer_model_card(self, **kwargs)
 

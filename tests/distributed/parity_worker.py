@@ -31,9 +31,9 @@ from transformers.distributed.configuration_utils import DistributedConfig  # no
 
 import hf_moe_routers  # noqa: E402, F401  (registers the routed model types)
 from hf_moe_routers.modeling.base import RoutedRouterMixin  # noqa: E402
+from hf_moe_routers.reporting.collector import RouterCollector  # noqa: E402
+from hf_moe_routers.scripts.launch import ends_distributed  # noqa: E402
 from hf_moe_routers.sharding import gathered_router_parameters  # noqa: E402
-from hf_moe_routers.trainers.collector import RouterCollector  # noqa: E402
-from hf_moe_routers.trainers.launch import ends_distributed  # noqa: E402
 
 DISTRIBUTED_CONFIGS = {
     "fsdp": lambda: DistributedConfig(fsdp_size=2),

@@ -30,8 +30,8 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.distributed.configuration_utils import DistributedConfig  # noqa: E402
 
 import hf_moe_routers  # noqa: E402, F401  (registers the routed model types)
+from hf_moe_routers.scripts.launch import ends_distributed  # noqa: E402
 from hf_moe_routers.trainers import MoERouterTrainer, MoERouterTrainingArguments  # noqa: E402
-from hf_moe_routers.trainers.launch import ends_distributed  # noqa: E402
 
 STEPS = 3
 SAVE_AT = 2

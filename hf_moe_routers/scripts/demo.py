@@ -12,15 +12,9 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 
-from . import (
-    CosineRouterConfig,
-    L2RConfig,
-    LinearRouterConfig,
-    SRMoEConfig,
-    distill_router,
-    patch_moe_routers,
-)
-from .routers import RouterConfig
+from ..distillation import distill_router
+from ..patching import patch_moe_routers
+from ..routers import CosineRouterConfig, L2RConfig, LinearRouterConfig, RouterConfig, SRMoEConfig
 
 
 def _tiny_mixtral(seed: int) -> MixtralForCausalLM:

@@ -22,11 +22,11 @@ from transformers import AutoModelForCausalLM, HfArgumentParser, set_seed
 from .. import data_utils
 from ..modeling.base import RoutedRouterMixin
 from ..patching import patch_moe_routers
-from .arguments import MoERouterTrainingArguments
+from ..trainers.arguments import MoERouterTrainingArguments
+from ..trainers.trainer import MoERouterTrainer
 from .clm import DataArguments, default_training_arguments, load_corpus
 from .finetune import PatchArguments, _tokenizer
 from .launch import ends_distributed
-from .trainer import MoERouterTrainer
 
 #: Where each family keeps its fused experts and its router, relative to a decoder layer.
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]

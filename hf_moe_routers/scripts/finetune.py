@@ -20,10 +20,11 @@ from typing import Any
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
 
 from .. import data_utils
+from ..distillation import distill_router
 from ..modeling.base import RoutedRouterMixin
-from ..patching import distill_router, patch_moe_routers
+from ..patching import patch_moe_routers
 from ..routers import RouterConfig
-from .arguments import MoERouterTrainingArguments
+from ..trainers.arguments import MoERouterTrainingArguments
 from .clm import (
     ROUTER_TYPES,
     DataArguments,

@@ -140,7 +140,7 @@ def _as_batches(batches: Batch | Iterable[Batch]) -> list[Batch]:
 
 
 class VisionTarget(AdaptationTarget):
-    """Adaptation of a :class:`~hf_moe_routers.modeling.vision.MoEImageClassifier`.
+    """Adaptation of a :class:`~hf_moe_routers.experiments.vision_model.MoEImageClassifier`.
 
     Batches are ``{"pixel_values": [T, ...], "labels": [T]}``.
 
@@ -259,7 +259,7 @@ class CausalLMTarget(AdaptationTarget):
 
 def adaptation_target(model: nn.Module, **kwargs: Any) -> AdaptationTarget:
     """The :class:`AdaptationTarget` for ``model`` (vision classifier or routed causal LM)."""
-    from .modeling.vision import MoEImageClassifier
+    from .vision_model import MoEImageClassifier
 
     if isinstance(model, MoEImageClassifier):
         return VisionTarget(model, **kwargs)

@@ -26,9 +26,9 @@ from transformers import AutoTokenizer, HfArgumentParser, PreTrainedModel, PreTr
 from .. import data_utils
 from ..modeling import FAMILIES
 from ..routers import RouterConfig
-from .arguments import MoERouterTrainingArguments
+from ..trainers.arguments import MoERouterTrainingArguments
+from ..trainers.trainer import MoERouterTrainer
 from .launch import ends_distributed
-from .trainer import MoERouterTrainer
 
 ARCHITECTURES = ("olmoe", "mixtral", "qwen3_moe", "qwen2_moe")
 ROUTER_TYPES = ("linear", "sr_moe", "l2r", "cosine")

@@ -23,7 +23,7 @@ of this package patches. ``residual=False`` is the paper's literal stacking and 
 
 Experts are stored as stacked tensors whose first dimension indexes the expert (``up [E, F, H]``,
 ``down [E, H, F]``, like transformers' fused ``gate_up_proj [E, 2F, H]``), so per-expert adaptation
-(``hf_moe_routers.adaptation``) treats this model and the routed causal LMs alike. Every expert is
+(``hf_moe_routers.experiments.adaptation``) treats this model and the routed causal LMs alike. Every expert is
 computed for every example (they are tiny); under sparse routing the unselected experts get weight
 exactly 0, so they neither contribute nor receive gradient.
 """
@@ -450,3 +450,6 @@ def register_vision_auto_classes() -> None:
     AutoConfig.register(MoEImageClassifierConfig.model_type, MoEImageClassifierConfig, exist_ok=True)
     AutoModel.register(MoEImageClassifierConfig, MoEImageClassifier, exist_ok=True)
     AutoModelForImageClassification.register(MoEImageClassifierConfig, MoEImageClassifier, exist_ok=True)
+
+
+register_vision_auto_classes()

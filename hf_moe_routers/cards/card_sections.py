@@ -9,10 +9,9 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from ..trainers.history import RoutingHistory
+from ..records import RoutingHistory
 
 __all__ = [
     "CITATIONS",
@@ -266,9 +265,6 @@ def routing_metrics_table(
                 means[name] = metrics[key]  # type: ignore[index]
         return _table(f"{source} (mean over layers, then per layer):", layers, means, per_layer)
     if history is not None:
-        # Late import: importing hf_moe_routers.trainers loads the Trainer, which cards do not need.
-        from ..trainers.history import RoutingHistory
-
         if not isinstance(history, RoutingHistory):
             history = RoutingHistory.from_dict(dict(history))
         if history.records:

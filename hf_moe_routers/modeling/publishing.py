@@ -18,9 +18,10 @@ from typing import Any
 
 from huggingface_hub import HfApi
 
-from ..modeling import FAMILIES
-from .model_card import write_model_card
-from .remote_code import check_remote_code, model_type_of, prepare_remote_code
+from ..cards import write_model_card
+from ..families import FAMILIES, model_type_of
+from ..version import __version__
+from .remote_code import check_remote_code, prepare_remote_code
 
 __all__ = ["push_folder_to_hub", "push_routed_to_hub", "save_routed_pretrained", "write_hub_files"]
 
@@ -38,7 +39,6 @@ def _is_routed(model_or_config: Any) -> bool:
 
 
 def _api() -> HfApi:
-    from .. import __version__  # late: the package imports this module
 
     return HfApi(library_name="hf-moe-routers", library_version=__version__)
 
