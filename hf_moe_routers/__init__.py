@@ -4,14 +4,22 @@
 >>> from hf_moe_routers import L2RConfig, patch_moe_routers
 >>> model = patch_moe_routers(AutoModelForCausalLM.from_pretrained(path), L2RConfig(rank=16))
 
-Importing the package registers the routed model types (``routed_mixtral``, ``routed_qwen2_moe``,
-``routed_qwen3_moe``, ``routed_olmoe``, ``routed_switch_transformers``) with the Auto classes.
+Importing the package registers the routed model type of every supported family
+(``supported_families()``: ``routed_mixtral``, ``routed_qwen2_moe``, ``routed_qwen3_moe``,
+``routed_olmoe``, ``routed_deepseek_v3``, ``routed_gpt_oss``, ``routed_switch_transformers``) with the
+Auto classes.
 """
 
 from .distillation import distill_router
 from .export import export_to_family
 from .kernels import register_experts_implementation
 from .modeling import (
+    RoutedDeepseekV3Config,
+    RoutedDeepseekV3ForCausalLM,
+    RoutedDeepseekV3Model,
+    RoutedGptOssConfig,
+    RoutedGptOssForCausalLM,
+    RoutedGptOssModel,
     RoutedMixtralConfig,
     RoutedMixtralForCausalLM,
     RoutedMixtralModel,
@@ -49,6 +57,12 @@ __all__ = [
     "L2RConfig",
     "LinearRouterConfig",
     "PatchReport",
+    "RoutedDeepseekV3Config",
+    "RoutedDeepseekV3ForCausalLM",
+    "RoutedDeepseekV3Model",
+    "RoutedGptOssConfig",
+    "RoutedGptOssForCausalLM",
+    "RoutedGptOssModel",
     "RoutedMixtralConfig",
     "RoutedMixtralForCausalLM",
     "RoutedMixtralModel",

@@ -2,19 +2,26 @@
 of them.
 
 A family is described once, by the ``FamilyAdapter`` its modeling file registers
-(``hf_moe_routers/modeling/<family>.py``): config fields, host and routed classes, the dense gate,
-how its router turns logits into balance probabilities and top-k choices. Everything else (patching,
-the routing collector, metrics, cards, export) asks the adapter and never names a family itself.
+(``hf_moe_routers/modeling/<family>.py``): config fields, host and routed classes, the dense gate and
+the router attributes that hold it, how its router is called and what its output tuple holds, how
+it selects experts and how its logits become balance probabilities. Everything else (patching, the
+routing collector, metrics, cards, export) asks the adapter and never names a family itself.
 
 This module sits below ``modeling`` and ``cards`` (docs/ARCHITECTURE.md): it imports only the
 routers and transformers, so the model cards can describe a family without importing the modeling.
+It is also part of every routed checkpoint's remote code (``modeling/remote_code.py``), which is why
+the balance-probability rules are written out here with torch alone rather than imported from
+``metrics`` (that would add files to the remote code); ``tests/test_modeling.py`` checks that both
+agree and that each family's rule matches transformers' own code for that family.
+
+Shape legend: T tokens, B batch, S sequence, H router input size, E experts, K top-k.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -23,15 +30,68 @@ from transformers.core_model_loading import ConversionOps
 from .routers import SCORERS
 
 __all__ = [
+    "BALANCE_SCORINGS",
     "FAMILIES",
     "ONE_ELEMENT_PARAMETERS",
+    "SELECTION_RULES",
+    "BalanceScoring",
     "FamilyAdapter",
     "OneElementVector",
+    "RouterInput",
+    "SelectionRule",
+    "family_adapters",
     "family_for_model",
+    "family_for_router",
     "model_type_of",
     "register_family",
     "supported_families",
 ]
+
+#: How a family's router turns logits into the routing probabilities ``P_e`` of the balance loss;
+#: the same names as ``hf_moe_routers.metrics.routing_probs(scoring=...)``.
+BalanceScoring = Literal["softmax", "sigmoid", "topk_softmax"]
+#: How a family's router picks experts from its logits (docs/TRANSFORMERS.md §1):
+#: ``topk``: the K largest logits; ``group_limited_topk``: DeepSeek-V3's sigmoid scores plus a
+#: selection-only correction bias, top-k inside the best expert groups; ``top1_capacity``: Switch's
+#: argmax with an expert capacity (tokens over capacity are dropped).
+SelectionRule = Literal["topk", "group_limited_topk", "top1_capacity"]
+#: The router input a family's router takes: ``tokens`` ``[T, H]`` or ``sequences`` ``[B, S, H]``.
+RouterInput = Literal["tokens", "sequences"]
+
+
+def _softmax_probabilities(logits_TE: torch.Tensor, indices_TK: torch.Tensor | None) -> torch.Tensor:
+    """``softmax(logits)`` over every expert (Mixtral, Qwen-MoE, OLMoE, Switch)."""
+    return torch.softmax(logits_TE, dim=-1)
+
+
+def _sigmoid_probabilities(logits_TE: torch.Tensor, indices_TK: torch.Tensor | None) -> torch.Tensor:
+    """``sigmoid(logits)`` normalised to sum 1 per token (DeepSeek-V3's sequence-wise balance loss)."""
+    scores_TE = torch.sigmoid(logits_TE)
+    # clamp: a token whose every score underflows gives zeros, not 0/0.
+    return scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def _topk_softmax_probabilities(logits_TE: torch.Tensor, indices_TK: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the K selected logits, zero elsewhere (gpt-oss's router weights, scattered)."""
+    if indices_TK is None:
+        raise ValueError("The 'topk_softmax' balance probabilities need indices_TK (the selected experts).")
+    idx_TK = indices_TK.reshape(logits_TE.shape[0], -1).to(device=logits_TE.device, dtype=torch.int64)
+    top_TK = torch.softmax(logits_TE.gather(-1, idx_TK), dim=-1)
+    return torch.zeros_like(logits_TE).scatter(-1, idx_TK, top_TK)
+
+
+_BALANCE_RULES: dict[str, Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]] = {
+    "softmax": _softmax_probabilities,
+    "sigmoid": _sigmoid_probabilities,
+    "topk_softmax": _topk_softmax_probabilities,
+}
+BALANCE_SCORINGS: tuple[str, ...] = tuple(_BALANCE_RULES)
+SELECTION_RULES: tuple[str, ...] = ("topk", "group_limited_topk", "top1_capacity")
+_ROUTER_INPUTS: tuple[str, ...] = ("tokens", "sequences")
+
+
+def _router_top_k_attribute(router: nn.Module) -> int:
+    return int(router.top_k)  # type: ignore[arg-type]
 
 
 #: Every router parameter that holds one number, over all router types (see
@@ -74,7 +134,25 @@ class OneElementVector(ConversionOps):
 
 @dataclasses.dataclass(frozen=True)
 class FamilyAdapter:
-    """Everything the patcher and the model classes need to know about one host family."""
+    """Everything hf-moe-routers knows about one host family; each modeling file registers one.
+
+    Config and classes: ``hidden_size``, ``num_experts``, ``top_k`` and ``has_bias`` read the host
+    config; ``model_classes`` maps each host model class to its routed class.
+
+    The router (host or routed; the routed one keeps the host's contract):
+
+    - ``dense_gate(router)``: the host gate ``(weight [E, H], bias [E] or None)``, held in the
+      router attributes ``gate_attributes`` (the routed router class removes those same attributes
+      when it attaches its scorer: ``host_gate_attributes``, checked to be equal);
+    - ``router_input``: ``"tokens"`` (``[T, H]``) or ``"sequences"`` (``[B, S, H]``, Switch);
+    - ``logits_index``: position of the logits in the router's output tuple (the index transformers
+      records ``router_logits`` from); ``indices_index``: position of the selected experts
+      ``[T, K]``, or None when the router returns none (Switch returns a one-hot dispatch mask);
+    - ``selection``: the family's selection rule (``SELECTION_RULES``); ``router_top_k(router)``
+      the number of experts it selects per token;
+    - ``balance_scoring``: the rule turning logits into balance-loss probabilities
+      (``BALANCE_SCORINGS``), applied by ``balance_probabilities``.
+    """
 
     name: str
     host_model_type: str
@@ -88,6 +166,83 @@ class FamilyAdapter:
     top_k: Callable[[Any], int]
     dense_gate: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor | None]]
     has_bias: Callable[[Any], bool] = lambda config: False
+    gate_attributes: tuple[str, ...] = ("weight",)
+    router_input: RouterInput = "tokens"
+    logits_index: int = 0
+    indices_index: int | None = 2
+    selection: SelectionRule = "topk"
+    router_top_k: Callable[[nn.Module], int] = _router_top_k_attribute
+    balance_scoring: BalanceScoring = "softmax"
+
+    def __post_init__(self) -> None:
+        # A wrong registration would silently mis-read router outputs: refuse it at import time.
+        if self.balance_scoring not in _BALANCE_RULES:
+            raise ValueError(
+                f"{self.name}: balance_scoring must be one of {BALANCE_SCORINGS}; got {self.balance_scoring!r}."
+            )
+        if self.selection not in SELECTION_RULES:
+            raise ValueError(
+                f"{self.name}: selection must be one of {SELECTION_RULES}; got {self.selection!r}."
+            )
+        if self.router_input not in _ROUTER_INPUTS:
+            raise ValueError(
+                f"{self.name}: router_input must be one of {_ROUTER_INPUTS}; got {self.router_input!r}."
+            )
+        if self.indices_index == self.logits_index:
+            raise ValueError(f"{self.name}: logits_index and indices_index must differ.")
+        routed_attributes = getattr(self.routed_router_class, "host_gate_attributes", self.gate_attributes)
+        if tuple(routed_attributes) != tuple(self.gate_attributes):
+            raise ValueError(
+                f"{self.name}: gate_attributes {self.gate_attributes} differ from "
+                f"{self.routed_router_class.__name__}.host_gate_attributes {tuple(routed_attributes)}."
+            )
+
+    # ---- router calls and outputs ---------------------------------------------------------------
+
+    def call_router(self, router: nn.Module, x_TH: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Run ``router`` on router inputs ``x_TH [T, H]`` in the layout it takes; its output tuple."""
+        x = x_TH.unsqueeze(0) if self.router_input == "sequences" else x_TH  # [1, T, H] for Switch
+        return router(x)
+
+    def output_logits(self, output: tuple[torch.Tensor, ...], num_experts: int) -> torch.Tensor:
+        """The logits ``[T, E]`` in a router's output tuple (``[B, S, E]`` flattened)."""
+        return output[self.logits_index].reshape(-1, num_experts)
+
+    def output_indices(
+        self, output: tuple[torch.Tensor, ...], logits_TE: torch.Tensor, top_k: int
+    ) -> torch.Tensor:
+        """The experts ``[T, K]`` a router selected: its own choice when it returns one (which
+        follows the family's selection rule, e.g. DeepSeek-V3's corrected, group-limited top-k),
+        else the top-k of its logits (Switch: top-1, the argmax its dispatch mask encodes)."""
+        if self.indices_index is not None:
+            return output[self.indices_index].reshape(logits_TE.shape[0], -1)
+        return logits_TE.detach().topk(top_k, dim=-1).indices
+
+    def router_logits(self, router: nn.Module, x_TH: torch.Tensor) -> torch.Tensor:
+        """Logits ``[T, E]`` of ``router`` (host or routed) for router inputs ``x_TH [T, H]``."""
+        return self.output_logits(self.call_router(router, x_TH), int(router.num_experts))  # type: ignore[arg-type]
+
+    def gate_matrix(self, router: nn.Module) -> torch.Tensor:
+        """The host gate's weight ``[E, H]`` of an unpatched router (``dense_gate``)."""
+        return self.dense_gate(router)[0]
+
+    # ---- balance ------------------------------------------------------------------------------
+
+    def balance_probabilities(
+        self, logits_TE: torch.Tensor, indices_TK: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The family's routing probabilities ``[T, E]`` float32 for the balance loss.
+
+        ``logits_TE`` may be ``[..., E]``; ``indices_TK`` (the selected experts) is needed by
+        ``topk_softmax``. Float32 with autocast off, as ``metrics.routing_probs`` computes them.
+        """
+        flat_TE = logits_TE.reshape(-1, logits_TE.shape[-1]).float()
+        rule = _BALANCE_RULES[self.balance_scoring]
+        # Autocast would run the softmax in bf16 on some devices; only these device types have one.
+        if flat_TE.device.type not in ("cuda", "cpu", "xpu", "mps", "hpu"):
+            return rule(flat_TE, indices_TK)
+        with torch.autocast(device_type=flat_TE.device.type, enabled=False):
+            return rule(flat_TE, indices_TK)
 
     def conversion_mapping(self, *, zero_dim_one_element: bool = False) -> list[Any]:
         """transformers' checkpoint conversion rules for this family's routed classes.
@@ -142,8 +297,22 @@ def register_family(adapter: FamilyAdapter) -> FamilyAdapter:
     return adapter
 
 
+def family_adapters() -> list[FamilyAdapter]:
+    """Every registered adapter once (``FAMILIES`` holds each under two model types), by host type."""
+    unique = {adapter.host_model_type: adapter for adapter in FAMILIES.values()}
+    return [unique[name] for name in sorted(unique)]
+
+
 def supported_families() -> list[str]:
     return sorted({adapter.host_model_type for adapter in FAMILIES.values()})
+
+
+def family_for_router(router: nn.Module) -> FamilyAdapter | None:
+    """The adapter whose host router class ``router`` is an instance of (routed routers subclass it)."""
+    for adapter in family_adapters():
+        if isinstance(router, adapter.host_router_class):
+            return adapter
+    return None
 
 
 def family_for_model(model: nn.Module) -> FamilyAdapter:

@@ -1,5 +1,7 @@
 """Swap the routers of a loaded transformers MoE model: ``patch_moe_routers(model, L2RConfig(rank=16))``.
 
+Works on every family of ``hf_moe_routers.families.supported_families()`` (Mixtral, Qwen2-MoE,
+Qwen3-MoE, OLMoE, DeepSeek-V3, gpt-oss, Switch Transformers); the family's adapter says how.
 Like ``peft.get_peft_model``, patching works on the model object you already have: every router of
 the host family becomes a routed router (same object, subclass of its own class) whose scorer is
 initialised from the pretrained gate; the model and config objects get the family's routed
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .families import family_for_model
+from .families import family_for_model, family_for_router
 from .modeling.base import RoutedRouterMixin, convert_to_routed
 from .routers import RouterConfig
 from .sharding import is_sharded_or_distributed
@@ -83,7 +85,11 @@ def reference_logits(router: nn.Module, x_TH: torch.Tensor) -> torch.Tensor:
 
 
 def _top_k(router: nn.Module) -> int:
-    return int(getattr(router, "top_k", 1))
+    """How many experts ``router`` selects per token, as its family's adapter reads it."""
+    adapter = family_for_router(router)
+    if adapter is None:
+        raise ValueError(f"{type(router).__name__} is not the router of a supported family.")
+    return adapter.router_top_k(router)
 
 
 @torch.no_grad()
@@ -161,8 +167,9 @@ def patch_moe_routers(
     """Replace every router of a loaded transformers MoE model with ``router_config``'s router.
 
     Args:
-        model: a Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE or Switch Transformers model (base model or
-            with a head), loaded or built from a config. Patched in place and returned.
+        model: a model of a supported family (``supported_families()``: Mixtral, Qwen2-MoE,
+            Qwen3-MoE, OLMoE, DeepSeek-V3, gpt-oss or Switch Transformers; base model or with a
+            head), loaded or built from a config. Patched in place and returned.
         router_config: ``LinearRouterConfig``, ``SRMoEConfig``, ``L2RConfig``,
             ``CosineRouterConfig`` or the dict form of one.
         calibration_batches: model inputs (a dict such as ``{"input_ids": ..., "attention_mask": ...}``

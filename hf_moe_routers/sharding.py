@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from .modeling.base import RoutedRouterMixin
 from .routers.base import _DTensor
 
 __all__ = ["fsdp2_units_owning", "gathered_router_parameters", "is_sharded_or_distributed"]
@@ -73,8 +74,6 @@ def gathered_router_parameters(
     in module order) and frees them again on exit; every rank must enter the block.
     """
     if routers is None:
-        from .modeling.base import RoutedRouterMixin
-
         routers = [m for m in model.modules() if isinstance(m, RoutedRouterMixin)]
     units = fsdp2_units_owning(model, list(routers))
     unsharded = []

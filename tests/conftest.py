@@ -142,11 +142,11 @@ MODEL_CLASSES = {
     "deepseek_v3": DeepseekV3ForCausalLM,
     "gpt_oss": GptOssForCausalLM,
 }
-# The five families of the foundation issue run through every parametrised test; the two further
-# ones (sigmoid group-limited and top-k-then-softmax routers) have their own test module.
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "switch_transformers")
-CAUSAL_FAMILIES = FAMILIES[:-1]
-EXTRA_FAMILIES = ("deepseek_v3", "gpt_oss")
+# Every supported family runs through every family-parametrised test (the `family` fixture); a test
+# that cannot apply to one skips it with the reason. tests/test_modeling.py checks this list against
+# hf_moe_routers.families.supported_families(), so a newly registered family cannot be left out.
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "switch_transformers")
+CAUSAL_FAMILIES = tuple(f for f in FAMILIES if f != "switch_transformers")
 
 
 def tiny_model(family: str, seed: int = 0, gate_std: float | None = 0.3, **overrides):
@@ -159,6 +159,16 @@ def tiny_model(family: str, seed: int = 0, gate_std: float | None = 0.3, **overr
             for name, param in model.named_parameters():
                 if name.endswith(("gate.weight", "router.classifier.weight", "mlp.router.weight")):
                     param.normal_(0.0, gate_std)
+    return model
+
+
+def with_selection_bias(model: torch.nn.Module) -> torch.nn.Module:
+    """A non-zero DeepSeek-V3 selection bias (``e_score_correction_bias``), so a test sees it steer
+    the choice; a no-op for the families without one."""
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.linspace(-0.3, 0.3, buffer.numel()))
     return model
 
 

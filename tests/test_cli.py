@@ -24,6 +24,7 @@ REMOTE_FILES = {
     "modeling_routed_moe.py",
     "routed_moe_families.py",
     "routed_moe_modeling_base.py",
+    "routed_moe_numerics.py",
     "routed_moe_routers.py",
     "routed_moe_routers_base.py",
     "routed_moe_routers_cosine.py",

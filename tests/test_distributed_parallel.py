@@ -306,7 +306,10 @@ def _assert_logs_match(got: list[dict], expected: list[dict], where: str, data_p
             name = key.split("/")[1] if key.startswith("router/") else key
             if data_parallel and name in INPUT_SAMPLED:
                 continue
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), f"{where} step {b['step']} {key}"
+            # Expert parallelism sums the experts' outputs in another float32 order; three optimizer
+            # steps at lr 0.05 carry that into the router inputs (~1e-4 relative by step 3, larger
+            # where cosines cancel). A per-rank value instead of the global one is off by far more.
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-4), f"{where} step {b['step']} {key}"
 
 
 @pytest.fixture(scope="module")

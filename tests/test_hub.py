@@ -33,6 +33,7 @@ REMOTE_FILES = {
     "modeling_routed_moe.py",
     "routed_moe_families.py",
     "routed_moe_modeling_base.py",
+    "routed_moe_numerics.py",
     "routed_moe_routers.py",
     "routed_moe_routers_base.py",
     "routed_moe_routers_cosine.py",
@@ -751,7 +752,7 @@ def test_template_is_declared_as_package_data():
 
 
 def test_plot_file_names_match_the_trainer_plots():
-    from hf_moe_routers.trainers import plots
+    from hf_moe_routers.reporting import plots
 
     expected = {
         plots._file_name(base, split)

@@ -1,8 +1,8 @@
 """The package's dependency direction, checked on its source (docs/ARCHITECTURE.md).
 
-    metrics, kernels, records, data_utils, version  <-  routers  <-  families  <-  cards  <-  modeling
-    <-  sharding  <-  patching, export, reporting  <-  distillation  <-  trainers  <-  scripts
-    <-  experiments  <-  cli
+    numerics  <-  metrics, kernels, records, data_utils, version  <-  routers  <-  families  <-  cards
+    <-  modeling  <-  sharding  <-  patching, export, reporting  <-  distillation  <-  trainers
+    <-  scripts  <-  experiments  <-  cli
 
 A module may import a module of its own part or of a part further left; never one to its right.
 Imports inside functions count as much as top-level ones (a late import hides a cycle, it does not
@@ -22,26 +22,27 @@ PACKAGE = "hf_moe_routers"
 
 #: Each part of the package and its layer; a part may import parts of a lower layer only.
 LAYERS: dict[str, int] = {
-    "version": 0,
-    "records": 0,
-    "data_utils": 0,
-    "metrics": 0,
-    "kernels": 0,
-    "routers": 1,
-    "families": 2,
-    "cards": 3,
-    "modeling": 4,
-    "sharding": 5,
-    "patching": 6,
-    "export": 6,
-    "reporting": 6,
-    "distillation": 7,
-    "trainers": 8,
-    "scripts": 9,
-    "experiments": 10,
-    "cli": 11,
-    "__main__": 12,
-    "": 13,  # the package root
+    "version": 1,
+    "numerics": 0,
+    "records": 1,
+    "data_utils": 1,
+    "metrics": 1,
+    "kernels": 1,
+    "routers": 2,
+    "families": 3,
+    "cards": 4,
+    "modeling": 5,
+    "sharding": 6,
+    "patching": 7,
+    "export": 7,
+    "reporting": 7,
+    "distillation": 8,
+    "trainers": 9,
+    "scripts": 10,
+    "experiments": 11,
+    "cli": 12,
+    "__main__": 13,
+    "": 14,  # the package root
 }
 
 

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, set_seed
 import hf_moe_routers as H
 from hf_moe_routers.modeling import ONE_ELEMENT_PARAMETERS, RoutedRouterMixin
 
-ALL_FAMILIES = FAMILIES + ("deepseek_v3", "gpt_oss")
+ALL_FAMILIES = FAMILIES
 #: Router configs that between them create every parameter and buffer any router type has.
 EVERY_TENSOR = {
     **ROUTERS,

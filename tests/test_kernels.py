@@ -1,4 +1,5 @@
-"""Tests of hf_moe_routers.kernels: every dispatch op against its pure-torch reference.
+"""Tests of hf_moe_routers.kernels: every dispatch op against its pure-torch reference, and the
+softmax-top-k routers' forward, which routes through ``topk_softmax``.
 
 On a machine without CUDA the Triton kernels run in Triton's numpy interpreter on CPU tensors
 (``TRITON_INTERPRET=1``, set below before the kernels module is first imported) in float32 / float64;
@@ -10,6 +11,7 @@ Shape legend: T tokens, H hidden, E experts, K top-k, N = T * K pairs.
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -22,6 +24,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+from conftest import model_inputs, tiny_model
 from transformers import (
     GptOssConfig,
     MixtralConfig,
@@ -34,6 +37,8 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_imp
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
+import hf_moe_routers as H
+from hf_moe_routers import kernels
 from hf_moe_routers.kernels import (
     _backend,
     combine,
@@ -47,7 +52,6 @@ from hf_moe_routers.kernels import (
     register_experts_implementation,
     routing_metadata,
     set_kernel_backend,
-    switch_top1,
     topk_softmax,
     triton_available,
     triton_interpreting,
@@ -163,21 +167,122 @@ def test_topk_softmax_matches_reference(backend: str, T: int, E: int, K: int, re
     torch.testing.assert_close(logits_TE.grad, ref_logits.grad, **TOL)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_switch_top1_is_the_max_probability(backend: str) -> None:
-    logits_TE = torch.randn(13, 8)
-    weights_T1, index_T1 = switch_top1(logits_TE, backend=backend)
-    probs_TE = logits_TE.softmax(-1)
-    assert torch.equal(index_T1[:, 0], probs_TE.argmax(-1))
-    torch.testing.assert_close(weights_T1[:, 0], probs_TE.max(-1).values, **TOL)
-
-
 @interpreter
 @pytest.mark.parametrize("renormalize", [False, True])
 def test_topk_softmax_gradcheck(renormalize: bool) -> None:
     logits_TE = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     fn = lambda logits: topk_softmax(logits, 3, renormalize=renormalize, backend="triton")[0]  # noqa: E731
     assert torch.autograd.gradcheck(fn, (logits_TE,))
+
+
+# ------------------------------------------------------------------- the routers' top-k step
+
+#: The families whose router forward is ``SoftmaxTopKRoutedRouter.forward`` (modeling/base.py), with
+#: whether their tiny config renormalises the top-k weights (``tests/conftest.py``).
+SOFTMAX_FAMILIES = {"mixtral": True, "qwen2_moe": False, "qwen3_moe": True, "olmoe": False}
+
+
+def _host_and_routed(family: str, dtype: torch.dtype) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
+    """The host routers of a tiny model and the routers of a linear-routed copy of it."""
+    host = tiny_model(family).to(dtype)
+    routed = H.patch_moe_routers(copy.deepcopy(host), H.LinearRouterConfig())
+    host_routers = [m for n, m in host.named_modules() if n.endswith("mlp.gate")]
+    return host_routers, [router for _, router in routed.routed_routers()]
+
+
+@pytest.mark.parametrize("family", list(SOFTMAX_FAMILIES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_routed_softmax_router_equals_the_host_router_bit_for_bit(family: str, dtype: torch.dtype) -> None:
+    """On CPU the op's torch path is the host's own softmax -> topk -> divide: outputs, dtypes and
+    gradients are bit-identical (zero inputs give all-tied probabilities, so ties are covered)."""
+    host_routers, routed_routers = _host_and_routed(family, dtype)
+    assert len(host_routers) == len(routed_routers) > 0
+    x_TH = torch.randn(23, host_routers[0].hidden_dim, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x_TH[:3] = 0.0
+    for host_router, routed_router in zip(host_routers, routed_routers):
+        results = []
+        for router, weight in (
+            (host_router, host_router.weight),
+            (routed_router, routed_router.scorer.weight),
+        ):
+            x = x_TH.clone().requires_grad_()
+            weight.grad = None
+            logits_TE, weights_TK, index_TK = router(x)
+            (logits_TE.float().sin().sum() + (weights_TK.float() * torch.arange(1.0, 3.0)).sum()).backward()
+            results.append((logits_TE, weights_TK, index_TK, x.grad, weight.grad))
+        for name, ours, theirs in zip(("logits", "weights", "index", "dx", "dW"), results[1], results[0]):
+            assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), (family, name)
+
+
+@pytest.mark.parametrize("family", list(SOFTMAX_FAMILIES))
+def test_routed_softmax_router_forward_goes_through_topk_softmax(
+    family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The router's top-k step is the kernels' op, called once per layer with the family's flag."""
+    calls: list[tuple[tuple[int, ...], int, bool]] = []
+    op = kernels.topk_softmax
+
+    def spy(logits_TE: torch.Tensor, top_k: int, **kwargs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append((tuple(logits_TE.shape), top_k, kwargs["renormalize"]))
+        return op(logits_TE, top_k, **kwargs)
+
+    model = H.patch_moe_routers(tiny_model(family), H.LinearRouterConfig())
+    monkeypatch.setattr(kernels, "topk_softmax", spy)
+    with torch.no_grad():
+        model(**model_inputs(family))
+    tokens, experts = 2 * 7, 6
+    assert calls == [((tokens, experts), 2, SOFTMAX_FAMILIES[family])] * model.config.num_hidden_layers
+
+
+@interpreter
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_routed_softmax_router_runs_the_triton_kernel_when_selected(
+    family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the Triton backend (the interpreter here, CUDA in use) the router runs the fused kernel
+    forward and backward, and the model matches the torch path."""
+    ops = _backend.load_triton_ops()
+    launches: list[str] = []
+    for name in ("topk_softmax_op", "topk_softmax_backward_op"):
+        original = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *args, _f=original, _n=name: launches.append(_n) or _f(*args))
+    model = H.patch_moe_routers(tiny_model(family), H.SRMoEConfig())
+    inputs = model_inputs(family)
+    results = []
+    for backend in ("torch", "triton"):
+        model.zero_grad()
+        set_kernel_backend(backend)
+        try:
+            out = model(**inputs, labels=inputs["input_ids"], output_router_logits=True)
+            out.loss.backward()
+        finally:
+            set_kernel_backend(None)
+        results.append(
+            (out.logits.detach(), [p.grad.clone() for _, r in model.routed_routers() for p in r.parameters()])
+        )
+    layers = model.config.num_hidden_layers
+    assert launches == ["topk_softmax_op"] * layers + ["topk_softmax_backward_op"] * layers
+    torch.testing.assert_close(results[1][0], results[0][0], **TOL)
+    for ours, torch_path in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(ours, torch_path, atol=1e-4, rtol=1e-4)
+
+
+def test_remote_code_topk_softmax_is_the_reference_bit_for_bit() -> None:
+    """Remote code has no kernels: its ``topk_softmax`` is a torch expression that must equal the
+    op's torch path for the logits the router passes (any float dtype but float64)."""
+    from hf_moe_routers.modeling.remote_code import EXCLUDED_MODULES
+
+    fallback = eval(EXCLUDED_MODULES["hf_moe_routers.kernels"]["topk_softmax"], {"torch": torch})  # noqa: S307
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        logits_TE = (torch.randn(31, 8, generator=generator) * 4).to(dtype)
+        logits_TE[:2] = 0.0
+        for renormalize in (False, True):
+            ours, ref = fallback(logits_TE, 3, renormalize), reference_topk_softmax(logits_TE, 3, renormalize)
+            assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(ours, ref))
+    assert all(
+        torch.equal(a, b) for a, b in zip(fallback(logits_TE, 2), reference_topk_softmax(logits_TE, 2))
+    )
 
 
 # ----------------------------------------------------------------------------- routing metadata

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -10,12 +11,15 @@ import textwrap
 
 import pytest
 import torch
-from conftest import FAMILIES, model_inputs, tiny_config, tiny_model
+import torch.nn.functional as F
+from conftest import FAMILIES, HIDDEN, model_inputs, tiny_config, tiny_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 import hf_moe_routers as H
+from hf_moe_routers import metrics as M
 from hf_moe_routers.modeling import FAMILIES as ADAPTERS
-from hf_moe_routers.modeling import RoutedRouterMixin
+from hf_moe_routers.modeling import RoutedRouterMixin, supported_families
+from hf_moe_routers.reporting import RouterCollector, find_routers, routing_scoring
 
 ROUTERS = {
     "linear": H.LinearRouterConfig(),
@@ -41,6 +45,11 @@ def auto_class(family):
     return AutoModelForSeq2SeqLM if family == "switch_transformers" else AutoModelForCausalLM
 
 
+def skip_prototype_with_gate_bias(family, router_name):
+    if family == "gpt_oss" and router_name == "prototype":
+        pytest.skip("prototype scoring cannot represent gpt-oss's gate bias (a clear error instead)")
+
+
 def routed_config(family, router_config):
     host = tiny_config(family)
     data = {
@@ -53,6 +62,7 @@ def routed_config(family, router_config):
 
 @pytest.mark.parametrize("router_name", list(ROUTERS))
 def test_save_and_auto_load_give_identical_outputs(family, router_name, tmp_path):
+    skip_prototype_with_gate_bias(family, router_name)
     model = H.patch_moe_routers(tiny_model(family), ROUTERS[router_name])
     model.train()
     for _ in range(2):  # a few training forwards move the power-iteration state away from its init
@@ -122,6 +132,7 @@ def test_fresh_process_loads_every_family_identically(tmp_path):
 
 @pytest.mark.parametrize("router_name", ["sr_moe", "prototype", "l2r", "cosine"])
 def test_from_scratch_initialises_every_router_parameter(family, router_name):
+    skip_prototype_with_gate_bias(family, router_name)
     torch.manual_seed(0)
     config = routed_config(family, ROUTERS[router_name])
     model = auto_class(family).from_config(config)
@@ -206,3 +217,129 @@ def test_routed_models_default_to_our_kernel_on_cuda_with_triton(monkeypatch):
     monkeypatch.setattr(kernel_experts, "triton_available", lambda: False)  # CUDA without Triton: fall back
     fallback = auto_class("mixtral").from_config(routed_config("mixtral", ROUTERS["l2r"]))
     assert fallback.config._experts_implementation == "grouped_mm"
+
+
+# --------------------------------------------------------------------------------------------
+# The family adapter: the only place that knows a family, checked against transformers' own code
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_fixtures_cover_every_supported_family():
+    assert sorted(FAMILIES) == supported_families()
+
+
+def _host_router(model, adapter):
+    return next(m for m in model.modules() if type(m) is adapter.host_router_class)
+
+
+def test_adapter_describes_the_family_router(family):
+    adapter = ADAPTERS[family]
+    model = tiny_model(family)
+    # transformers records router_logits from the adapter's router class, at the adapter's index
+    recorder = next(
+        spec["router_logits"]
+        for module in model.modules()
+        if "router_logits" in (spec := getattr(type(module), "_can_record_outputs", None) or {})
+    )
+    assert recorder.target_class is adapter.host_router_class
+    assert (recorder.index or 0) == adapter.logits_index
+    router = _host_router(model, adapter)
+    assert adapter.routed_router_class.host_gate_attributes == adapter.gate_attributes
+    assert all(getattr(router, name, None) is not None for name in adapter.gate_attributes)
+    num_experts, top_k = adapter.num_experts(model.config), adapter.top_k(model.config)
+    x_TH = torch.randn(9, HIDDEN)
+    with torch.no_grad():
+        output = adapter.call_router(router, x_TH)
+    logits_TE = adapter.output_logits(output, num_experts)
+    weight, bias = adapter.dense_gate(router)
+    assert weight is adapter.gate_matrix(router)
+    expected_TE = F.linear(x_TH, weight.float(), None if bias is None else bias.float())
+    torch.testing.assert_close(logits_TE.float(), expected_TE)
+    assert adapter.router_top_k(router) == top_k
+    indices_TK = adapter.output_indices(output, logits_TE, top_k)
+    assert indices_TK.shape == (9, top_k) and not indices_TK.is_floating_point()
+    if adapter.indices_index is None:  # Switch: the expert of the one-hot dispatch mask (no token dropped)
+        assert torch.equal(output[0].reshape(9, num_experts).argmax(-1), indices_TK[:, 0])
+    # the collector reads host and routed models through the adapter
+    patched = H.patch_moe_routers(tiny_model(family), H.L2RConfig(rank=4, num_anchors=1))
+    for candidate in (model, patched):
+        infos = find_routers(candidate)
+        assert infos and all(
+            info.adapter is adapter and info.top_k == top_k and info.logits_index == adapter.logits_index
+            for info in infos
+        )
+        assert routing_scoring(candidate) == adapter.balance_scoring
+        assert infos[0].gate_matrix().shape[-1] == HIDDEN
+        assert infos[0].logits(x_TH).shape == (9, num_experts)
+        collector = RouterCollector(candidate)
+        collector.start()
+        with torch.no_grad():
+            candidate(**model_inputs(family))
+        captures = collector.stop()
+        collector.remove()
+        assert all(c is not None and c.indices_TK.shape[1] == top_k for c in captures)
+
+
+def _family_module(router):
+    return importlib.import_module(type(router).__module__)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_balance_probabilities_follow_the_family_code(family, seed):
+    """Each adapter's balance rule against transformers' code path of that family: its
+    load_balancing_loss_func (softmax families), its router's own weights (DeepSeek-V3: sigmoid
+    scores normalised over all experts; gpt-oss: softmax over the selected logits), or its model's
+    encoder aux loss (Switch). A wrong rule fails here."""
+    adapter = ADAPTERS[family]
+    torch.manual_seed(seed)
+    x_TH = torch.randn(40, HIDDEN)
+    overrides = {}
+    if family == "switch_transformers":
+        # transformers computes Switch's aux loss only with sparse layers every other block
+        overrides = dict(num_sparse_encoder_layers=1, num_sparse_decoder_layers=1)
+    model = tiny_model(family, seed=seed, **overrides)
+    router = _host_router(model, adapter)
+    num_experts, top_k = adapter.num_experts(model.config), adapter.top_k(model.config)
+    with torch.no_grad():
+        output = adapter.call_router(router, x_TH)
+    logits_TE = adapter.output_logits(output, num_experts)
+    indices_TK = adapter.output_indices(output, logits_TE, top_k)
+    probs_TE = adapter.balance_probabilities(logits_TE, indices_TK)
+    assert probs_TE.dtype == torch.float32 and probs_TE.shape == logits_TE.shape
+    torch.testing.assert_close(probs_TE.sum(-1), torch.ones(40))
+    # the metrics' routing_probs (what the Trainer uses) applies the same rule under the same name
+    assert torch.equal(probs_TE, M.routing_probs(logits_TE, adapter.balance_scoring, indices_TK))
+
+    # The reference is chosen by family name, not by the adapter's data under test.
+    if family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):
+        expected = _family_module(router).load_balancing_loss_func((logits_TE,), num_experts, top_k)
+        ours = M.load_balance_loss(logits_TE, indices_TK, probs=probs_TE)
+        torch.testing.assert_close(ours, expected)
+    elif family == "deepseek_v3":
+        # The router's own weights with every expert chosen, one group, renormalised, unscaled:
+        # sigmoid scores normalised over all experts.
+        router.top_k, router.num_group, router.topk_group = num_experts, 1, 1
+        router.norm_topk_prob, router.routed_scaling_factor = True, 1.0
+        with torch.no_grad():
+            _, weights_TK, chosen_TK = router(x_TH)
+        expected_TE = torch.zeros_like(logits_TE).scatter(-1, chosen_TK, weights_TK)
+        torch.testing.assert_close(probs_TE, expected_TE)
+    elif family == "gpt_oss":
+        with torch.no_grad():
+            _, weights_TK, chosen_TK = router(x_TH)  # softmax over the top-k logits
+        assert torch.equal(chosen_TK, indices_TK)
+        expected_TE = torch.zeros_like(logits_TE).scatter(-1, chosen_TK, weights_TK.float())
+        torch.testing.assert_close(probs_TE, expected_TE)
+    elif family == "switch_transformers":
+        with torch.no_grad():
+            _, top1_prob, _ = router(x_TH.unsqueeze(0))  # the router's own softmax, its maximum
+        torch.testing.assert_close(probs_TE.max(-1).values, top1_prob.reshape(-1))
+        inputs = model_inputs(family)
+        with torch.no_grad():
+            out = model(**inputs, labels=inputs["decoder_input_ids"], output_router_logits=True)
+        logits_BSE = torch.cat(out.encoder_router_logits, dim=1)
+        probs_BSE = adapter.balance_probabilities(logits_BSE).reshape(logits_BSE.shape)
+        loss = _family_module(router).load_balancing_loss_func(probs_BSE, logits_BSE.argmax(-1))
+        torch.testing.assert_close(loss, out.encoder_aux_loss)
+    else:
+        pytest.fail(f"no transformers reference for {family}'s balance rule")

@@ -1,4 +1,6 @@
-"""DeepSeek-V3 (sigmoid, group-limited top-k, selection bias) and gpt-oss (top-k then softmax, bias)."""
+"""What only DeepSeek-V3 (sigmoid, group-limited top-k, selection bias) and gpt-oss (top-k then
+softmax, gate bias) do. Both also run through every family-parametrised test (the ``family`` fixture
+of tests/conftest.py): bit-identity, save/load, generation, init."""
 
 from __future__ import annotations
 
@@ -6,53 +8,20 @@ import math
 
 import pytest
 import torch
-from conftest import EXTRA_FAMILIES, RandomTokens, model_inputs, tiny_model
-from transformers import AutoModelForCausalLM
+from conftest import RandomTokens, tiny_model
 
 import hf_moe_routers as H
+from hf_moe_routers.modeling import FAMILIES as ADAPTERS
 from hf_moe_routers.modeling import RoutedRouterMixin
 from hf_moe_routers.trainers import MoERouterTrainer, MoERouterTrainingArguments
 
+#: The families whose balance probabilities are not a softmax over every expert.
+NON_SOFTMAX_FAMILIES = ("deepseek_v3", "gpt_oss")
 
-@pytest.fixture(params=EXTRA_FAMILIES)
+
+@pytest.fixture(params=NON_SOFTMAX_FAMILIES)
 def extra_family(request) -> str:
     return request.param
-
-
-def _with_correction_bias(model):
-    """A non-zero DeepSeek selection bias, so the test sees it steer the choice."""
-    with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.copy_(torch.linspace(-0.3, 0.3, buffer.numel()))
-    return model
-
-
-@pytest.mark.parametrize("router_config", [H.LinearRouterConfig(), H.SRMoEConfig()], ids=["linear", "sr_moe"])
-def test_linear_and_default_sr_moe_are_bit_identical(extra_family, router_config):
-    reference = _with_correction_bias(tiny_model(extra_family))
-    model = H.patch_moe_routers(_with_correction_bias(tiny_model(extra_family)), router_config)
-    inputs = model_inputs(extra_family, padded=True)
-    with torch.no_grad():
-        ref = reference(**inputs, output_router_logits=True)
-        out = model(**inputs, output_router_logits=True)
-    assert torch.equal(out.logits, ref.logits)
-    assert len(out.router_logits) == len(ref.router_logits) > 0
-    assert all(torch.equal(a, b) for a, b in zip(out.router_logits, ref.router_logits))
-
-
-def test_save_load_and_generate(extra_family, tmp_path):
-    model = H.patch_moe_routers(tiny_model(extra_family), H.L2RConfig(rank=8, num_anchors=2))
-    model.save_pretrained(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert type(loaded) is type(model)
-    for tensor in list(loaded.parameters()) + list(loaded.buffers()):
-        tensor.data = tensor.data.clone()  # aligned copies, see tests/test_modeling.py
-    inputs = model_inputs(extra_family)
-    with torch.no_grad():
-        assert torch.equal(loaded(**inputs).logits, model(**inputs).logits)
-    generated = loaded.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert generated.shape == (2, inputs["input_ids"].shape[1] + 3)
 
 
 def test_deepseek_selection_bias_steers_choice_not_weights():
@@ -86,6 +55,7 @@ def test_trainer_uses_the_family_probabilities(extra_family, tmp_path):
     )
     trainer = MoERouterTrainer(model=model, args=args, train_dataset=RandomTokens(8))
     assert trainer._scoring == {"deepseek_v3": "sigmoid", "gpt_oss": "topk_softmax"}[extra_family]
+    assert trainer._scoring == ADAPTERS[extra_family].balance_scoring
     trainer.train()
     logs = next(h for h in trainer.state.log_history if "router/aux_loss" in h)
     assert (

@@ -13,14 +13,14 @@ pytest.importorskip("matplotlib")
 from transformers import TrainerControl, TrainerState, TrainingArguments  # noqa: E402
 
 from hf_moe_routers.records import RoutingHistory, RoutingRecord  # noqa: E402
-from hf_moe_routers.trainers.plots import (  # noqa: E402
+from hf_moe_routers.reporting.plots import (  # noqa: E402
     CURVES_FILE,
     LOAD_HEATMAP_FILE,
-    RoutingPlotCallback,
     plot_load_heatmap,
     plot_router_curves,
     save_routing_plots,
 )
+from hf_moe_routers.trainers.plots import RoutingPlotCallback  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LAYERS = ["layer_0", "layer_1", "layer_2"]

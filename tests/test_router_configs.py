@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Iterator
 
 import pytest
 
 from hf_moe_routers import CosineRouterConfig, L2RConfig, LinearRouterConfig, RouterConfig, SRMoEConfig
+from hf_moe_routers.routers import SCORERS, LinearScorer, RouterScorer, build_scorer
+from hf_moe_routers.routers import base as routers_base
 
 ALL_CONFIGS = [
     LinearRouterConfig(),
@@ -97,3 +101,55 @@ def test_defaults_follow_the_design():
         "logsumexp",
         "rms",
     )
+
+
+# ------------------------------------------------------------------------------ the one registry
+
+
+def test_every_router_type_is_one_config_scorer_pair():
+    """``SCORERS`` is the only registry: configs are found through their scorer's ``config_class``."""
+    assert RouterConfig.registered_types() == tuple(sorted(SCORERS)) == ("cosine", "l2r", "linear", "sr_moe")
+    for router_type, scorer_class in SCORERS.items():
+        assert scorer_class.config_class.router_type == router_type
+        config = RouterConfig.from_dict({"router_type": router_type})
+        assert type(config) is scorer_class.config_class
+        assert type(build_scorer(config, 256, 4)) is scorer_class
+    with pytest.raises(TypeError):
+        SCORERS["hash"] = LinearScorer  # type: ignore[index]  # a read-only view
+
+
+@pytest.fixture
+def restore_registry() -> Iterator[None]:
+    saved = dict(routers_base._ROUTER_TYPES)
+    yield
+    routers_base._ROUTER_TYPES.clear()
+    routers_base._ROUTER_TYPES.update(saved)
+
+
+def test_defining_a_scorer_registers_its_router_type(restore_registry):
+    @dataclasses.dataclass
+    class ScaledLinearConfig(RouterConfig):
+        router_type = "scaled_linear"
+        scale: float = 2.0
+
+    assert "scaled_linear" not in RouterConfig.registered_types()  # a config alone is not a type
+
+    class ScaledLinearScorer(LinearScorer):
+        config_class = ScaledLinearConfig
+
+    assert SCORERS["scaled_linear"] is ScaledLinearScorer
+    config = RouterConfig.from_json_kwargs("scaled_linear", '{"scale": 3.0}')
+    assert config == ScaledLinearConfig(scale=3.0)
+    assert type(build_scorer(config.to_dict(), 8, 4)) is ScaledLinearScorer
+
+
+def test_a_router_type_cannot_be_registered_twice(restore_registry):
+    with pytest.raises(TypeError, match="'linear' is already registered by .*LinearScorer"):
+
+        class AnotherLinearScorer(RouterScorer):
+            config_class = LinearRouterConfig
+
+    class PlainVariant(LinearScorer):  # inherits config_class: a variant, not a new type
+        pass
+
+    assert SCORERS["linear"] is LinearScorer

@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hf_moe_routers.numerics import stable_rank
 from hf_moe_routers.routers import (
     CosineRouterConfig,
     L2RConfig,
     LinearRouterConfig,
     SRMoEConfig,
     build_scorer,
-    stable_rank,
 )
 
 H, E = 24, 6

@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ..metrics.catalog import METRIC_DESCRIPTIONS
 from ..records import RoutingHistory
 
 __all__ = [
@@ -87,27 +88,6 @@ CITATIONS = {
   eprint        = {2204.09179},
   archivePrefix = {arXiv},
 }""",
-}
-# What each routing metric means (docs/ROUTERS.md, "Metrics every run reports"); the table order.
-METRIC_DESCRIPTIONS = {
-    "load_entropy": "entropy of the expert load over log E (1 = balanced)",
-    "load_cv": "coefficient of variation of the expert load (0 = balanced)",
-    "max_load_ratio": "E × the busiest expert's load share (1 = balanced)",
-    "dead_experts": "experts that received no token",
-    "token_entropy": "mean entropy of a token's routing distribution over log E",
-    "top1_prob": "mean probability of a token's first expert",
-    "kth_margin": "mean logit gap between the k-th and (k+1)-th expert",
-    "spectral_norm": "largest singular value of the routing matrix",
-    "stable_rank": "‖W‖_F² / ‖W‖₂² of the routing matrix",
-    "lipschitz_bound": "largest per-token bound of the logits' Jacobian norm",
-    "lipschitz_bound_global": "global Lipschitz constant of the logits (∞ where none exists)",
-    "flip_rate": "share of tokens whose top-k changes under a small input perturbation",
-    "query_concentration": "mean pairwise cosine of router queries",
-    "expert_concentration": "mean pairwise cosine of expert rows or anchors",
-    "drift": "top-k agreement with the first logged routing",
-    "aux_loss": "load-balancing loss E · Σ f_e P_e",
-    "z_loss": "router z-loss (mean squared logsumexp)",
-    "reg_loss": "router parameter penalties (SR-MoE terms)",
 }
 HYPERPARAMETER_FIELDS = (
     "learning_rate",
@@ -207,6 +187,7 @@ class MetricsTable:
 
 
 def _metric_order(names: Iterable[str]) -> list[str]:
+    # METRIC_DESCRIPTIONS is the canonical metric list (metrics/catalog.py), in table order.
     known = [n for n in METRIC_DESCRIPTIONS if n in names]
     return known + sorted(set(names) - set(known))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 import shlex
 import sys
@@ -11,6 +12,24 @@ import time
 from pathlib import Path
 
 DEFAULT_OUTPUT = Path("benchmarks/results")
+#: Per experiment (its module's name): its spec class, its ``--quick`` spec and its run function.
+EXPERIMENTS: dict[str, tuple[str, str, str]] = {
+    "interference": ("InterferenceSpec", "quick_spec", "run_interference"),
+    "sensitivity": ("SensitivitySpec", "quick_sensitivity_spec", "run_sensitivity"),
+    "lm": ("LMSpec", "quick_lm_spec", "run_lm"),
+}
+#: Options that override the spec field of the same name; each experiment's parser defines only
+#: some of them, and an option it lacks (or one not given) leaves the spec's value.
+SPEC_OPTIONS = (
+    "seeds",
+    "routers",
+    "episodes_per_class",
+    "datasets",
+    "depths",
+    "dataset",
+    "depth",
+    "max_steps",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,16 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _override(spec: object, args: argparse.Namespace, fields: dict[str, str]) -> object:
+def _override(spec: object, args: argparse.Namespace) -> object:
+    """``spec`` with the :data:`SPEC_OPTIONS` given on the command line (lists become tuples)."""
     changes = {}
-    for arg, field in fields.items():
-        value = getattr(args, arg, None)
+    for field in SPEC_OPTIONS:
+        value = getattr(args, field, None)
         if value is not None:
             changes[field] = tuple(value) if isinstance(value, list) else value
     return dataclasses.replace(spec, **changes) if changes else spec
 
 
 def _without_residual(spec: object, args: argparse.Namespace) -> object:
+    """``spec`` with residual-free MoE stages under ``--no-residual`` (vision experiments only)."""
     if not getattr(args, "no_residual", False):
         return spec
     return dataclasses.replace(spec, settings=spec.settings.replace(residual=False))  # type: ignore[attr-defined]
@@ -110,37 +131,18 @@ def _main(argv: list[str] | None) -> int:
     start = time.perf_counter()
     if args.replot:
         return _replot(args.experiment, out_dir, prefix)
-    common = {"seeds": "seeds", "routers": "routers", "episodes_per_class": "episodes_per_class"}
-    if args.experiment == "interference":
-        from .interference import InterferenceSpec, quick_spec, run_interference
-
-        spec = quick_spec() if args.quick else InterferenceSpec()
-        spec = _override(spec, args, {**common, "datasets": "datasets", "depths": "depths"})
-        spec = _without_residual(spec, args)
-        run_interference(spec, out_dir, command=command, prefix=prefix)
-        files = ["interference.json", "interference.md"]
-    elif args.experiment == "sensitivity":
-        from .sensitivity import SensitivitySpec, quick_sensitivity_spec, run_sensitivity
-
-        spec = quick_sensitivity_spec() if args.quick else SensitivitySpec()
-        spec = _override(spec, args, {**common, "dataset": "dataset", "depth": "depth"})
-        spec = _without_residual(spec, args)
-        run_sensitivity(spec, out_dir, command=command, prefix=prefix)
-        files = ["sensitivity.json", "sensitivity.md"]
-    else:
-        from .lm import LMSpec, quick_lm_spec, run_lm
-
-        spec = quick_lm_spec() if args.quick else LMSpec()
-        spec = _override(spec, args, {"seeds": "seeds", "routers": "routers", "max_steps": "max_steps"})
-        run_lm(spec, out_dir, command=command, prefix=prefix)
-        files = ["lm.json", "lm.md"]
+    # Every experiment runs the same way; EXPERIMENTS names what its module provides for it.
+    module = importlib.import_module(f"{__package__}.{args.experiment}")
+    spec_class, quick_spec, run = (getattr(module, name) for name in EXPERIMENTS[args.experiment])
+    spec = _without_residual(_override(quick_spec() if args.quick else spec_class(), args), args)
+    run(spec, out_dir, command=command, prefix=prefix)
+    files = [f"{args.experiment}.json", f"{args.experiment}.md"]
     minutes = (time.perf_counter() - start) / 60
     print(f"wrote {', '.join(str(out_dir / (prefix + f)) for f in files)} and plots ({minutes:.1f} min)")
     return 0
 
 
 def _replot(experiment: str, out_dir: Path, prefix: str) -> int:
-    import importlib
     import json
 
     path = out_dir / f"{prefix}{experiment}.json"

@@ -25,25 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from . import report as R
 from .adaptation import AdaptationBudget
 from .data import DATASETS, base_new_split, load_dataset
-from .vision import (
-    INTERFERENCE_ROUTERS,
-    ROUTER_LABELS,
-    VisionSettings,
-    accuracy,
-    build_model,
-    routing_quality,
-    run_episodes,
-    train_base,
-)
+from .vision import INTERFERENCE_ROUTERS, ROUTER_LABELS, VisionSettings, run_episodes, train_and_measure
 
 __all__ = [
     "DEFAULT_BUDGET",
     "DEFAULT_SETTINGS",
+    "QUICK_SETTINGS",
     "STRONG_BUDGET",
     "InterferenceSpec",
     "quick_spec",
@@ -53,6 +44,10 @@ __all__ = [
 
 #: Base-training settings of experiment A (chosen before any test-split evaluation; see the README).
 DEFAULT_SETTINGS = VisionSettings()
+#: The tiny models of the ``--quick`` runs (CI), here and in the sensitivity sweep.
+QUICK_SETTINGS = DEFAULT_SETTINGS.replace(
+    hidden_size=16, expert_intermediate_size=16, num_experts=4, epochs=2
+)
 #: The adaptation budget every router gets, selected by the ``sensitivity`` command on the
 #: validation split (depth 8, digits; the learning rate with the best class-balanced accuracy after
 #: adaptation): see ``benchmarks/results/sensitivity.md``.
@@ -65,7 +60,7 @@ DATASET_LABELS = {"digits": "scikit-learn digits (8×8, conv stem)", "mnist1d": 
 
 
 @dataclasses.dataclass(frozen=True)
-class InterferenceSpec:
+class InterferenceSpec(R.ExperimentSpec):
     """What experiment A runs. Defaults: the full grid (≤ 30 min on a 2-core CPU)."""
 
     datasets: tuple[str, ...] = DATASETS
@@ -77,9 +72,6 @@ class InterferenceSpec:
     settings: VisionSettings = DEFAULT_SETTINGS
     budgets: tuple[AdaptationBudget, ...] = (DEFAULT_BUDGET, STRONG_BUDGET)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 def quick_spec() -> InterferenceSpec:
     """One tiny cell (digits, depth 2, two routers, one seed, 2 epochs) for CI."""
@@ -89,9 +81,7 @@ def quick_spec() -> InterferenceSpec:
         routers=("linear", "sr_moe_penalty"),
         seeds=(0,),
         episodes_per_class=2,
-        settings=DEFAULT_SETTINGS.replace(
-            hidden_size=16, expert_intermediate_size=16, num_experts=4, epochs=2
-        ),
+        settings=QUICK_SETTINGS,
         budgets=(AdaptationBudget(steps=2, learning_rate=0.01), AdaptationBudget(steps=2, learning_rate=0.1)),
     )
 
@@ -100,12 +90,9 @@ def run_cell(dataset: str, depth: int, router: str, seed: int, spec: Interferenc
     """Train one base model and run its episodes; a JSON-ready record."""
     data = load_dataset(dataset)
     base, new = base_new_split(seed)
-    model = build_model(data, depth, router, spec.settings, seed)
-    info = train_base(model, data, base, spec.settings, seed)
-    x_eval, y_eval = data.split(spec.eval_split)
-    base_mask = torch.isin(y_eval, torch.tensor(base))
-    pre = accuracy(model, x_eval[base_mask], y_eval[base_mask], base)
-    quality = routing_quality(model, x_eval[base_mask])
+    model, info, pre, quality = train_and_measure(
+        data, depth, router, spec.settings, seed, base, spec.eval_split
+    )
     start = time.perf_counter()
     by_budget = {}
     for budget in spec.budgets:
@@ -388,19 +375,8 @@ def run_interference(
 
 def render_outputs(result: dict[str, Any], out_dir: Path, prefix: str = "") -> dict[str, Any]:
     """Write ``{prefix}interference.md``, the plots and the JSON from a result dict."""
-    (out_dir / f"{prefix}interference.md").write_text(render_markdown(result))
-    result["plots"] = make_plots(result, out_dir, prefix)
-    R.write_json(out_dir / f"{prefix}interference.json", result)
-    return result
+    return R.write_outputs(result, out_dir, prefix, render_markdown=render_markdown, make_plots=make_plots)
 
 
 def _result(spec: InterferenceSpec, runs: list[dict[str, Any]], command: str, start: float) -> dict[str, Any]:
-    return {
-        "experiment": "interference",
-        "command": command,
-        "wall_seconds": time.perf_counter() - start,
-        "environment": R.environment(),
-        "spec": spec.to_dict(),
-        "cells": aggregate(runs),
-        "runs": runs,
-    }
+    return {**R.result_header("interference", command, start, spec), "cells": aggregate(runs), "runs": runs}

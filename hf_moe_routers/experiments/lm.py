@@ -30,7 +30,7 @@ from .adaptation import AdaptationBudget, CausalLMTarget, one_shot_episode
 from .data import load_dataset
 from .vision import ROUTER_LABELS, VisionSettings, accuracy, build_model, routing_quality, train_base
 
-__all__ = ["LM_ROUTERS", "LMSpec", "quick_lm_spec", "render_outputs", "run_lm"]
+__all__ = ["LM_ROUTERS", "LMSpec", "make_plots", "quick_lm_spec", "render_outputs", "run_lm"]
 
 #: Router key -> (router_type, router_kwargs for the Trainer script, label). SR-MoE keeps the
 #: package's LM default (linear scoring, spectral penalty); the vision side uses prototype scoring.
@@ -63,7 +63,7 @@ METRICS = (
 
 
 @dataclasses.dataclass(frozen=True)
-class LMSpec:
+class LMSpec(R.ExperimentSpec):
     """What experiment B runs; defaults finish in ≤ 30 min on a 2-core CPU."""
 
     routers: tuple[str, ...] = tuple(LM_ROUTERS)
@@ -85,9 +85,6 @@ class LMSpec:
     vision_datasets: tuple[str, ...] = ("digits", "mnist1d")
     vision_depth: int = 4
     vision_settings: VisionSettings = VisionSettings(top_k=2)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def quick_lm_spec() -> LMSpec:
@@ -246,11 +243,7 @@ def run_lm(
                 )
         log(f"vision {dataset} done ({(time.perf_counter() - start) / 60:.1f} min)")
     result = {
-        "experiment": "lm",
-        "command": command,
-        "wall_seconds": time.perf_counter() - start,
-        "environment": R.environment(),
-        "spec": spec.to_dict(),
+        **R.result_header("lm", command, start, spec),
         "lm_summary": _summarise(
             lm_runs, ("router",), ("eval_perplexity", *METRICS, "lm_interference_pp", "lm_new_gain_pp")
         ),
@@ -265,9 +258,12 @@ def run_lm(
 
 def render_outputs(result: dict[str, Any], out_dir: Path, prefix: str = "") -> dict[str, Any]:
     """Write ``{prefix}lm.md``, the load heatmaps and ``{prefix}lm.json`` from a result dict."""
+    return R.write_outputs(result, out_dir, prefix, render_markdown=render_markdown, make_plots=make_plots)
+
+
+def make_plots(result: dict[str, Any], out_dir: Path, prefix: str) -> list[str]:
+    """The expert-load heatmaps: the LM's layers, and each vision dataset's stages; their file names."""
     spec = result["spec"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{prefix}lm.md").write_text(render_markdown(result))
     labels = {r: LM_ROUTERS[r][2] for r in spec["routers"]}
     plots = []
     if result["lm_loads"]:
@@ -288,9 +284,7 @@ def render_outputs(result: dict[str, Any], out_dir: Path, prefix: str = "") -> d
             f"{dataset}, depth {spec['vision_depth']}, top-2 of {spec['vision_settings']['num_experts']}: "
             f"expert load per stage (test split, seed {spec['seeds'][0]})",
         )
-    result["plots"] = plots
-    R.write_json(out_dir / f"{prefix}lm.json", result)
-    return result
+    return plots
 
 
 def _summarise(
@@ -309,6 +303,19 @@ def _summarise(
             entry["parameters"] = group[0]["parameters"]
         out.append(entry)
     return out
+
+
+def _routing_cells(entry: dict[str, Any], *, dead_digits: int) -> list[str]:
+    """The routing columns both tables share: H(load), load CV, flip rate, query / expert
+    concentration and dead experts of one summary entry (``dead_digits``: decimals of the last)."""
+    return [
+        R.fmt_pm(entry["load_entropy"], entry["load_entropy_std"], 3),
+        R.fmt(entry["load_cv"], 3),
+        R.fmt(entry["flip_rate"], 4),
+        R.fmt(entry["query_concentration"], 3),
+        R.fmt(entry["expert_concentration"], 3),
+        R.fmt(entry["dead_experts"], dead_digits),
+    ]
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -331,12 +338,7 @@ def render_markdown(result: dict[str, Any]) -> str:
                 LM_ROUTERS[e["router"]][2],
                 f"{e.get('parameters', 0) / 1e6:.3f}M",
                 R.fmt_pm(e["eval_perplexity"], e["eval_perplexity_std"], 1),
-                R.fmt_pm(e["load_entropy"], e["load_entropy_std"], 3),
-                R.fmt(e["load_cv"], 3),
-                R.fmt(e["flip_rate"], 4),
-                R.fmt(e["query_concentration"], 3),
-                R.fmt(e["expert_concentration"], 3),
-                R.fmt(e["dead_experts"], 1),
+                *_routing_cells(e, dead_digits=1),
                 R.fmt_pm(e["lm_interference_pp"], e["lm_interference_pp_std"]),
                 R.fmt_pm(e["lm_new_gain_pp"], e["lm_new_gain_pp_std"]),
             ]
@@ -362,12 +364,7 @@ def render_markdown(result: dict[str, Any]) -> str:
                 e["dataset"],
                 ROUTER_LABELS[VISION_EQUIVALENT[e["router"]]],
                 R.fmt_pm(100 * e["test_accuracy"], 100 * e["test_accuracy_std"], 1),
-                R.fmt_pm(e["load_entropy"], e["load_entropy_std"], 3),
-                R.fmt(e["load_cv"], 3),
-                R.fmt(e["flip_rate"], 4),
-                R.fmt(e["query_concentration"], 3),
-                R.fmt(e["expert_concentration"], 3),
-                R.fmt(e["dead_experts"], 2),
+                *_routing_cells(e, dead_digits=2),
             ]
         )
     headers = [

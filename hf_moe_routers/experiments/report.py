@@ -5,12 +5,14 @@ Shapes: ``L`` stages/layers, ``E`` experts; a load matrix is ``[L][E]`` fraction
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
 import sys
 import textwrap
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
+    "ExperimentSpec",
     "environment",
     "fmt",
     "fmt_pm",
@@ -27,8 +30,10 @@ __all__ = [
     "mean_std",
     "plot_load_heatmaps",
     "plot_series_grid",
+    "result_header",
     "save_figure",
     "write_json",
+    "write_outputs",
 ]
 
 _DPI = 110
@@ -46,6 +51,51 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "torch_threads": torch.get_num_threads(),
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentSpec:
+    """Base of the experiments' frozen spec dataclasses (``InterferenceSpec``, ``LMSpec``, ...)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, nested dataclasses included, as plain JSON-ready values."""
+        return dataclasses.asdict(self)
+
+
+def result_header(experiment: str, command: str, start: float, spec: ExperimentSpec) -> dict[str, Any]:
+    """The keys every result file starts with: what ran, how (``command``), how long and where.
+
+    Args:
+        start: ``time.perf_counter()`` when the experiment began; ``wall_seconds`` is measured to now.
+    """
+    return {
+        "experiment": experiment,
+        "command": command,
+        "wall_seconds": time.perf_counter() - start,
+        "environment": environment(),
+        "spec": spec.to_dict(),
+    }
+
+
+def write_outputs(
+    result: dict[str, Any],
+    out_dir: Path,
+    prefix: str,
+    *,
+    render_markdown: Callable[[dict[str, Any]], str],
+    make_plots: Callable[[dict[str, Any], Path, str], list[str]],
+) -> dict[str, Any]:
+    """Write ``{prefix}{experiment}.md``, the plots and ``{prefix}{experiment}.json`` from a result.
+
+    The JSON goes last, so that it lists the plots (``result["plots"]``, names relative to
+    ``out_dir``) and ``--replot`` can redraw everything from it alone. Returns ``result``.
+    """
+    name = f"{prefix}{result['experiment']}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.md").write_text(render_markdown(result))
+    result["plots"] = make_plots(result, out_dir, prefix)
+    write_json(out_dir / f"{name}.json", result)
+    return result
 
 
 def _jsonable(value: Any) -> Any:

@@ -30,22 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from . import report as R
 from .adaptation import AdaptationBudget
 from .data import base_new_split, load_dataset
-from .interference import DEFAULT_SETTINGS
-from .vision import (
-    INTERFERENCE_ROUTERS,
-    ROUTER_LABELS,
-    VisionSettings,
-    accuracy,
-    build_model,
-    routing_quality,
-    run_episodes,
-    train_base,
-)
+from .interference import DEFAULT_SETTINGS, QUICK_SETTINGS
+from .vision import INTERFERENCE_ROUTERS, ROUTER_LABELS, VisionSettings, run_episodes, train_and_measure
 
 __all__ = [
     "SensitivitySpec",
@@ -60,7 +50,7 @@ FACTOR_BUDGET = AdaptationBudget(steps=10, learning_rate=0.03, experts_per_layer
 
 
 @dataclasses.dataclass(frozen=True)
-class SensitivitySpec:
+class SensitivitySpec(R.ExperimentSpec):
     """What the sweep runs; defaults finish in ≤ 30 min on a 2-core CPU."""
 
     dataset: str = "digits"
@@ -79,9 +69,6 @@ class SensitivitySpec:
     #: learning-rate rows replace only its learning rate.
     budget: AdaptationBudget = FACTOR_BUDGET
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 def quick_sensitivity_spec() -> SensitivitySpec:
     """A tiny sweep for CI: depth 2, two routers, one seed, two epochs, one value per factor."""
@@ -93,9 +80,7 @@ def quick_sensitivity_spec() -> SensitivitySpec:
         learning_rates=(0.01, 0.1),
         temperatures=(0.3,),
         sr_weights=(1.0,),
-        settings=DEFAULT_SETTINGS.replace(
-            hidden_size=16, expert_intermediate_size=16, num_experts=4, epochs=2
-        ),
+        settings=QUICK_SETTINGS,
         budget=AdaptationBudget(steps=2, learning_rate=FACTOR_BUDGET.learning_rate),
     )
 
@@ -168,20 +153,17 @@ def run_sensitivity(
     """Run the sweep; write ``{prefix}sensitivity.{json,md}`` and the learning-rate plot."""
     start = time.perf_counter()
     data = load_dataset(spec.dataset)
-    x_eval, y_eval = data.split(spec.eval_split)
     rows: list[dict[str, Any]] = []
     configs = variants(spec)
     total = sum(len(routers) for *_, routers in configs) * len(spec.seeds)
     for seed in spec.seeds:
         base, new = base_new_split(seed)
-        base_mask = torch.isin(y_eval, torch.tensor(base))
         for factor, label, changes, routers in configs:
             settings = spec.settings.replace(**changes)
             for router in routers:
-                model = build_model(data, spec.depth, router, settings, seed)
-                train_base(model, data, base, settings, seed)
-                pre = accuracy(model, x_eval[base_mask], y_eval[base_mask], base)
-                quality = routing_quality(model, x_eval[base_mask])
+                model, _, pre, quality = train_and_measure(
+                    data, spec.depth, router, settings, seed, base, spec.eval_split
+                )
                 rates = spec.learning_rates if factor == "default" else (spec.budget.learning_rate,)
                 for lr in rates:
                     budget = dataclasses.replace(spec.budget, learning_rate=lr)
@@ -214,10 +196,9 @@ def run_sensitivity(
 
 def render_outputs(result: dict[str, Any], out_dir: Path, prefix: str = "") -> dict[str, Any]:
     """Write ``{prefix}sensitivity.md``, the plots and the JSON from a result dict."""
-    (out_dir / f"{prefix}sensitivity.md").write_text(render_markdown(result))
-    result["plots"] = _plot_learning_rate(result, out_dir, prefix)
-    R.write_json(out_dir / f"{prefix}sensitivity.json", result)
-    return result
+    return R.write_outputs(
+        result, out_dir, prefix, render_markdown=render_markdown, make_plots=_plot_learning_rate
+    )
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -258,16 +239,21 @@ def select_learning_rate(summary: list[dict[str, Any]]) -> tuple[float, dict[flo
     return max(means, key=means.get), means
 
 
+def _lr_curve(summary: list[dict[str, Any]], router: str) -> list[dict[str, Any]]:
+    """The summary entries of ``router``'s default models, by increasing learning rate."""
+    return sorted(
+        (e for e in summary if e["factor"] == "default" and e["router"] == router),
+        key=lambda e: e["learning_rate"],
+    )
+
+
 def matched_interference(summary: list[dict[str, Any]], router: str, new_accuracy: float) -> float | None:
     """Interference (pp) of ``router`` where its learning-rate curve reaches ``new_accuracy``.
 
     Linear interpolation between the two learning rates whose mean new-class accuracies bracket the
     target (the first crossing); None if no learning rate of the sweep reaches it.
     """
-    curve = sorted(
-        (e for e in summary if e["factor"] == "default" and e["router"] == router),
-        key=lambda e: e["learning_rate"],
-    )
+    curve = _lr_curve(summary, router)
     for low, high in zip(curve, curve[1:]):
         a, b = low["new_accuracy"], high["new_accuracy"]
         if a <= new_accuracy <= b and b > a:
@@ -288,11 +274,7 @@ def _result(spec: SensitivitySpec, rows: list[dict[str, Any]], command: str, sta
         for router in spec.routers
     }
     return {
-        "experiment": "sensitivity",
-        "command": command,
-        "wall_seconds": time.perf_counter() - start,
-        "environment": R.environment(),
-        "spec": spec.to_dict(),
+        **R.result_header("sensitivity", command, start, spec),
         "selected_learning_rate": chosen,
         "learning_rate_scores": scores,
         "matched_interference_pp": matched,
@@ -398,10 +380,7 @@ def _plot_learning_rate(result: dict[str, Any], out_dir: Path, prefix: str) -> l
     panels: dict[tuple[str, str], dict[str, tuple[list[float], list[float], list[float]]]] = {}
     for metric, scale in (("interference_pp", 1.0), ("new_accuracy", 100.0)):
         for router in spec["routers"]:
-            chosen = sorted(
-                (e for e in summary if e["factor"] == "default" and e["router"] == router),
-                key=lambda e: e["learning_rate"],
-            )
+            chosen = _lr_curve(summary, router)
             panels.setdefault((metric, spec["dataset"]), {})[router] = (
                 [e["learning_rate"] for e in chosen],
                 [scale * e[metric] for e in chosen],
@@ -415,12 +394,7 @@ def _plot_learning_rate(result: dict[str, Any], out_dir: Path, prefix: str) -> l
                 [e["interference_pp_std"] for e in chosen],
             )
             for router in spec["routers"]
-            for chosen in [
-                sorted(
-                    (e for e in summary if e["factor"] == "default" and e["router"] == router),
-                    key=lambda e: e["learning_rate"],
-                )
-            ]
+            for chosen in [_lr_curve(summary, router)]
         }
     }
     name = f"{prefix}sensitivity_learning_rate.png"

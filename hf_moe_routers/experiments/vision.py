@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import metrics as M
+from ..reporting import RouterCapture, report_captures
 from .adaptation import AdaptationBudget, VisionTarget, one_shot_episode
 from .data import ImageData
 from .vision_model import MoEImageClassifier, MoEImageClassifierConfig
@@ -30,6 +30,7 @@ __all__ = [
     "router_preset",
     "routing_quality",
     "run_episodes",
+    "train_and_measure",
     "train_base",
 ]
 
@@ -173,59 +174,77 @@ def accuracy(model: MoEImageClassifier, x: torch.Tensor, y: torch.Tensor, allowe
     return float((pred == y).float().mean())
 
 
+#: What :func:`routing_quality` reports, in this order (names of ``hf_moe_routers.metrics.catalog``).
+QUALITY_METRICS = (
+    "load_entropy",
+    "load_cv",
+    "dead_experts",
+    "token_entropy",
+    "top1_prob",
+    "flip_rate",
+    "query_concentration",
+    "expert_concentration",
+    "spectral_norm",
+    "stable_rank",
+)
+
+
+@dataclasses.dataclass
+class _StageRouter:
+    """One stage of a :class:`MoEImageClassifier` as a router the routing report reads
+    (``hf_moe_routers.reporting.ReportedRouter``); ``z_TH`` is the stage's router input."""
+
+    stage: Any
+    layer: str
+    num_experts: int
+    top_k: int
+
+    def gate_matrix(self) -> torch.Tensor:
+        # The scorer's own routing matrix (not SR-MoE's constrained one): what the tables always showed.
+        return self.stage.scorer.routing_matrix().detach()
+
+    def expert_rows(self) -> torch.Tensor:
+        return self.stage.scorer.expert_embeddings().detach()
+
+    def queries(self, z_TH: torch.Tensor) -> torch.Tensor:
+        return self.stage.scorer.queries(z_TH)
+
+    def route(self, z_TH: torch.Tensor) -> torch.Tensor:
+        """The stage's top-k experts ``[T, K]`` (by routing weight, as the experts receive them)."""
+        return torch.topk(self.stage.route(z_TH)[1], self.top_k, dim=-1).indices
+
+    def lipschitz_bound(self) -> torch.Tensor:
+        return self.stage.scorer.lipschitz_bound().detach() / self.stage.temperature
+
+    def local_lipschitz_bound(self, z_TH: torch.Tensor) -> torch.Tensor:
+        return self.stage.scorer.local_lipschitz_bound(z_TH).max().detach() / self.stage.temperature
+
+
 @torch.no_grad()
 def routing_quality(
     model: MoEImageClassifier, x: torch.Tensor, *, flip_epsilon: float = 0.05
 ) -> dict[str, Any]:
     """Routing metrics on inputs ``x``, each the mean over stages (``load`` per stage ``[L][E]``).
 
-    Load counts each example's top-k experts (top-1 under dense routing). Flip rate is the share of
-    examples whose top-k set changes under ``z + ε‖z‖·n`` at the router input. Query / expert
-    concentration: mean pairwise cosine of router queries and of expert rows (prototypes, gate
-    rows, anchors).
+    One routing report (``hf_moe_routers.reporting.report_captures``, the Trainer's computation) of
+    the stages on ``x``. Load counts each example's top-k experts (top-1 under dense routing). Flip
+    rate is the share of examples whose top-k set changes under ``z + ε‖z‖·n`` at the router input.
+    Query / expert concentration: mean pairwise cosine of router queries and of expert rows
+    (prototypes, gate rows, anchors).
     """
     model.eval()
     out = model(pixel_values=x)
     k = model.config.top_k or 1
-    per_stage: dict[str, list[float]] = {
-        key: []
-        for key in (
-            "load_entropy",
-            "load_cv",
-            "dead_experts",
-            "token_entropy",
-            "top1_prob",
-            "flip_rate",
-            "query_concentration",
-            "expert_concentration",
-            "spectral_norm",
-            "stable_rank",
-        )
-    }
-    loads = []
-    for stage, logits_TE, weights_TE, z_TH in zip(
-        model.stages, out.router_logits, out.routing_weights, out.router_inputs
-    ):
-        idx_TK = torch.topk(weights_TE, k, dim=-1).indices
-        load_E = M.load_fractions(idx_TK, weights_TE.shape[-1])
-        loads.append(load_E.tolist())
-        per_stage["load_entropy"].append(float(M.load_entropy(load_E)))
-        per_stage["load_cv"].append(float(M.load_cv(load_E)))
-        per_stage["dead_experts"].append(float(M.dead_experts(load_E)))
-        per_stage["token_entropy"].append(float(M.token_entropy(logits_TE)))
-        per_stage["top1_prob"].append(float(M.top1_prob(logits_TE)))
-
-        def route(z: torch.Tensor, stage: Any = stage) -> torch.Tensor:
-            return torch.topk(stage.route(z)[1], k, dim=-1).indices
-
-        per_stage["flip_rate"].append(float(M.flip_rate(route, z_TH, epsilon=flip_epsilon, seed=0).flip_rate))
-        per_stage["query_concentration"].append(float(M.angular_concentration(stage.scorer.queries(z_TH))))
-        per_stage["expert_concentration"].append(
-            float(M.angular_concentration(stage.scorer.expert_embeddings().detach()))
-        )
-        per_stage["spectral_norm"].append(float(stage.scorer.spectral_norm()))
-        per_stage["stable_rank"].append(float(stage.scorer.stable_rank()))
-    result: dict[str, Any] = {key: float(np.mean(values)) for key, values in per_stage.items()}
+    routers = [
+        _StageRouter(stage, f"stage_{i}", weights_TE.shape[-1], k)
+        for i, (stage, weights_TE) in enumerate(zip(model.stages, out.routing_weights))
+    ]
+    captures = [
+        RouterCapture(logits_TE, torch.topk(weights_TE, k, dim=-1).indices, z_TH)
+        for logits_TE, weights_TE, z_TH in zip(out.router_logits, out.routing_weights, out.router_inputs)
+    ]
+    per_stage, loads = report_captures(routers, captures, flip_epsilon=flip_epsilon, seed=0)
+    result: dict[str, Any] = {key: float(np.mean(per_stage[key])) for key in QUALITY_METRICS}
     result["load"] = loads
     return result
 
@@ -275,3 +294,29 @@ def run_episodes(
                 }
             )
     return episodes
+
+
+def train_and_measure(
+    data: ImageData,
+    depth: int,
+    router: str,
+    settings: VisionSettings,
+    seed: int,
+    base_classes: list[int],
+    eval_split: str,
+) -> tuple[MoEImageClassifier, dict[str, float], float, dict[str, Any]]:
+    """Build and train a base model, then measure it on ``eval_split``'s base-class examples.
+
+    What every experiment-A cell does before its episodes: :func:`build_model`, :func:`train_base`
+    on ``base_classes``, then the base-class accuracy (argmax over ``base_classes``) and
+    :func:`routing_quality` on the base-class examples ``x [T_base, ...]`` of ``eval_split``.
+
+    Returns:
+        ``(model, train info, pre-adaptation accuracy in [0, 1], routing-quality dict)``.
+    """
+    model = build_model(data, depth, router, settings, seed)
+    info = train_base(model, data, base_classes, settings, seed)
+    x_eval, y_eval = data.split(eval_split)
+    base_mask = torch.isin(y_eval, torch.tensor(base_classes))
+    pre = accuracy(model, x_eval[base_mask], y_eval[base_mask], base_classes)
+    return model, info, pre, routing_quality(model, x_eval[base_mask])

@@ -48,7 +48,8 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .. import metrics as M
-from ..routers import L2RConfig, RouterConfig, RouterScorer, build_scorer, spectral_norm_exact, stable_rank
+from ..numerics import spectral_norm, stable_rank
+from ..routers import L2RConfig, RouterConfig, RouterScorer, build_scorer
 
 __all__ = [
     "DEFAULT_VISION_ROUTER",
@@ -281,36 +282,37 @@ class MoEStage(nn.Module):
     def processor_regularization_terms(self) -> dict[str, torch.Tensor]:
         """SR-MoE's raw spectral and stable-rank terms on the processor weight ``[H, H]``."""
         weight = self.processor.weight.float()
-        sigma = spectral_norm_exact(weight)
+        sigma = spectral_norm(weight)
         return {
             "spectral": torch.relu(sigma - self.processor_spectral_bound.float()).pow(2),
             "stable_rank": 1.0 - stable_rank(weight, sigma) / min(weight.shape),
         }
 
 
+def _conv_stem(conv: type[nn.Conv1d | nn.Conv2d], c_in: int, width: int, kernel: int) -> nn.Sequential:
+    """Two "same"-padded convolutions, the second with stride 2, each with a ReLU, then flatten.
+
+    ``[B, C, S(, S)]`` -> ``[B, width · ceil(S/2)(²)]``: the stride halves every spatial side.
+    """
+    pad = kernel // 2
+    return nn.Sequential(
+        conv(c_in, width, kernel, padding=pad),
+        nn.ReLU(),
+        conv(width, width, kernel, padding=pad, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+    )
+
+
 def _build_stem(config: MoEImageClassifierConfig) -> tuple[nn.Module, int]:
     """The stem module and the size of its flattened output."""
     c_in, width, size = config.input_channels, config.stem_channels, config.input_size
+    side = (size + 1) // 2  # after the stride-2 convolution
     if config.stem_type == "conv2d":
         # 3×3 then a stride-2 3×3: 8×8 digits -> 4×4 maps; small enough for a 2-core CPU.
-        stem = nn.Sequential(
-            nn.Conv2d(c_in, width, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1, stride=2),
-            nn.ReLU(),
-            nn.Flatten(),
-        )
-        side = (size + 1) // 2
-        return stem, width * side * side
+        return _conv_stem(nn.Conv2d, c_in, width, 3), width * side * side
     if config.stem_type == "conv1d":
-        stem = nn.Sequential(
-            nn.Conv1d(c_in, width, 5, padding=2),
-            nn.ReLU(),
-            nn.Conv1d(width, width, 5, padding=2, stride=2),
-            nn.ReLU(),
-            nn.Flatten(),
-        )
-        return stem, width * ((size + 1) // 2)
+        return _conv_stem(nn.Conv1d, c_in, width, 5), width * side
     stem = nn.Sequential(nn.Flatten(), nn.Linear(c_in * size, width), nn.ReLU())
     return stem, width
 
@@ -353,7 +355,7 @@ class MoEImageClassifier(PreTrainedModel):
             if not getattr(module.processor_spectral_bound, "_is_hf_initialized", False):
                 # Runs after the processor Linear was initialised (children are visited first).
                 if not module.processor.weight.is_meta:
-                    init.copy_(module.processor_spectral_bound, spectral_norm_exact(module.processor.weight))
+                    init.copy_(module.processor_spectral_bound, spectral_norm(module.processor.weight))
         elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             # Fan-in scaling keeps the tiny stem and processors trainable from step 0.
             fan_in = module.weight[0].numel()

@@ -1,5 +1,8 @@
 """MoE dispatch kernels: top-k routing, routing metadata, permute, combine, and an experts implementation.
 
+``topk_softmax`` is called by the softmax-top-k routers' forward (``modeling/base.py``); the rest
+by the ``"hf_moe_routers"`` experts implementation (``experts.py``).
+
 Triton is optional and imported lazily (only when a Triton kernel is first used); without it every
 op runs its pure-torch path and the CUDA fallback is logged once. Nothing outside this package
 imports Triton.
@@ -17,7 +20,7 @@ from hf_moe_routers.kernels._backend import (
     triton_available,
     triton_interpreting,
 )
-from hf_moe_routers.kernels.dispatch import combine, permute, routing_metadata, switch_top1, topk_softmax
+from hf_moe_routers.kernels.dispatch import combine, permute, routing_metadata, topk_softmax
 from hf_moe_routers.kernels.experts import (
     EXPERTS_IMPLEMENTATION_NAME,
     grouped_mm,
@@ -31,7 +34,6 @@ from hf_moe_routers.kernels.reference import (
     reference_experts_forward,
     reference_permute,
     reference_routing_metadata,
-    reference_switch_top1,
     reference_topk_softmax,
 )
 
@@ -48,12 +50,10 @@ __all__ = [
     "reference_experts_forward",
     "reference_permute",
     "reference_routing_metadata",
-    "reference_switch_top1",
     "reference_topk_softmax",
     "register_experts_implementation",
     "routing_metadata",
     "set_kernel_backend",
-    "switch_top1",
     "topk_softmax",
     "triton_available",
     "triton_interpreting",

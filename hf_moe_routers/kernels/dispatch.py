@@ -1,5 +1,9 @@
 """The dispatch ops: top-k routing, routing metadata, permute and combine, with autograd.
 
+``topk_softmax`` is the routing step of the softmax-top-k routers (``SoftmaxTopKRoutedRouter`` in
+``modeling/base.py``: Mixtral, Qwen2/3-MoE, OLMoE); the other three are the dispatch of the
+``"hf_moe_routers"`` experts implementation (``experts.py``).
+
 Every op takes ``backend=None`` (process default, see ``_backend.set_kernel_backend``), ``"auto"``,
 ``"triton"`` or ``"torch"``. ``auto`` runs the Triton kernels on CUDA tensors when Triton is
 installed and the torch path otherwise (that fallback is logged once). Both paths compute the same
@@ -24,13 +28,15 @@ def topk_softmax(
     Args:
         logits_TE: ``[T, E]`` router logits (any float dtype, any strides).
         top_k: K, ``1 <= K <= E``.
-        renormalize: divide the K weights by their sum (Mixtral; Qwen / OLMoE ``norm_topk_prob``;
-            equivalent to gpt-oss's softmax over the top-k logits).
+        renormalize: divide the K weights by their sum (Mixtral; Qwen / OLMoE ``norm_topk_prob``).
+            Mathematically, not bitwise, gpt-oss's softmax over the top-k logits, which is why
+            gpt-oss's router keeps its own formula.
         backend: see the module docstring.
 
     Returns:
         ``(weights_TK, index_TK int64)``, by decreasing weight; ties pick the lower expert id
-        on the Triton path.
+        on the Triton path. The torch path is ``reference_topk_softmax`` itself, so on CPU it is
+        bit-identical to ``softmax(logits, dtype=float32)`` -> ``topk`` -> divide.
     """
     if logits_TE.dim() != 2:
         raise ValueError(f"logits_TE must be [T, E], got shape {tuple(logits_TE.shape)}")
@@ -40,13 +46,6 @@ def topk_softmax(
     if resolve_backend(logits_TE.device, backend) == "triton":
         return load_triton_ops().topk_softmax_op(logits_TE, top_k, renormalize)
     return reference_topk_softmax(logits_TE, top_k, renormalize)
-
-
-def switch_top1(
-    logits_TE: torch.Tensor, *, backend: Backend | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Switch-Transformer top-1: ``(max softmax probability [T, 1] float32, expert [T, 1] int64)``."""
-    return topk_softmax(logits_TE, 1, renormalize=False, backend=backend)
 
 
 def routing_metadata(

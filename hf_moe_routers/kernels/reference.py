@@ -55,8 +55,12 @@ def reference_topk_softmax(
     """Softmax over experts, then top-k (the Mixtral / Qwen-MoE / OLMoE family), in float32.
 
     ``renormalize=True`` divides the k kept probabilities by their sum (Mixtral always, Qwen / OLMoE
-    when ``norm_topk_prob``). That equals a softmax over the k selected logits, so gpt-oss's
-    top-k-then-softmax weighting is also ``renormalize=True`` (gpt-oss then casts to the logits dtype).
+    when ``norm_topk_prob``). That equals a softmax over the k selected logits in exact arithmetic,
+    not bit for bit, so gpt-oss's top-k-then-softmax router does not use it.
+
+    This is the op's torch path and what the routed softmax routers compute on CPU: written as the
+    host routers write it, so the results are bit-identical to theirs. The remote code binds
+    ``topk_softmax`` to the same formula (``modeling/remote_code.py``); keep the two equal.
 
     Args:
         logits_TE: ``[T, E]`` router logits, any float dtype.
@@ -71,18 +75,6 @@ def reference_topk_softmax(
     if renormalize:
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
     return weights_TK, index_TK
-
-
-def reference_switch_top1(logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Switch-Transformer top-1 routing: the maximum softmax probability and its expert, float32.
-
-    Capacity dropping is the router's business (it needs the token order of the whole batch), not
-    the dispatch's; this returns the un-dropped choice.
-
-    Returns:
-        ``(weights_T1 float32, index_T1 int64)``.
-    """
-    return reference_topk_softmax(logits_TE, 1, renormalize=False)
 
 
 def reference_routing_metadata(index_TK: torch.Tensor, num_experts: int) -> RoutingMetadata:

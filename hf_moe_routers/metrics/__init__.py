@@ -27,13 +27,18 @@ Definitions (see ``docs/ROUTERS.md``, "Metrics every run reports"):
 
 The Lipschitz bound of the logits depends on the scorer's form and is a method of each router
 (``RouterScorer.lipschitz_bound``), built from :func:`spectral_norm`.
+
+The canonical list of metric names, their meanings and how a report aggregates each is
+:mod:`hf_moe_routers.metrics.catalog`; ``hf_moe_routers.reporting`` computes reports from it.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..numerics import no_autocast
 from ._checks import flat_indices, flat_logits
+from .catalog import METRIC_DESCRIPTIONS, ROUTING_METRICS, MetricSpec
 from .geometry import angular_concentration, spectral_norm, stable_rank
 from .load import (
     ExpertLoadAccumulator,
@@ -42,6 +47,7 @@ from .load import (
     load_cv,
     load_entropy,
     load_fractions,
+    load_statistics,
     max_load_ratio,
 )
 from .losses import (
@@ -55,8 +61,11 @@ from .stability import FlipRate, flip_rate, topk_agreement, topk_overlap
 from .token import kth_margin, token_entropy, top1_prob
 
 __all__ = [
+    "METRIC_DESCRIPTIONS",
+    "ROUTING_METRICS",
     "ExpertLoadAccumulator",
     "FlipRate",
+    "MetricSpec",
     "angular_concentration",
     "dead_experts",
     "expert_counts",
@@ -67,7 +76,9 @@ __all__ = [
     "load_cv",
     "load_entropy",
     "load_fractions",
+    "load_statistics",
     "max_load_ratio",
+    "no_autocast",
     "pooled_load_balance_loss",
     "routing_metrics",
     "routing_probs",
@@ -112,10 +123,7 @@ def routing_metrics(
         raise ValueError(f"indices_TK selects K = {idx_TK.shape[-1]} > E = {num_experts} experts.")
     load_E = load_fractions(idx_TK, num_experts, mask)
     return {
-        "load_entropy": load_entropy(load_E),
-        "load_cv": load_cv(load_E),
-        "max_load_ratio": max_load_ratio(load_E),
-        "dead_experts": dead_experts(load_E),
+        **load_statistics(load_E),
         "token_entropy": token_entropy(flat_TE, mask),
         "top1_prob": top1_prob(flat_TE, mask),
         "kth_margin": kth_margin(flat_TE, k, mask),

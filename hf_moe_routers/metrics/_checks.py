@@ -9,20 +9,7 @@ wrong without reading this file.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
-
-
-@contextlib.contextmanager
-def no_autocast(device: torch.device) -> Iterator[None]:
-    """Disable autocast on ``device`` so the math below really runs in float32."""
-    if device.type not in ("cuda", "cpu", "xpu", "mps", "hpu"):
-        yield
-        return
-    with torch.autocast(device_type=device.type, enabled=False):
-        yield
 
 
 def flat_logits(logits: torch.Tensor, name: str = "logits_TE") -> torch.Tensor:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import flat_mask, no_autocast
+from .. import numerics
+from ..numerics import no_autocast
+from ._checks import flat_mask
 
 __all__ = ["angular_concentration", "spectral_norm", "stable_rank"]
 
@@ -36,20 +38,16 @@ def spectral_norm(weight: torch.Tensor) -> torch.Tensor:
     Exact (``torch.linalg.matrix_norm(ord=2)``); router matrices are small (E × H) so an SVD is cheap
     next to a forward pass. Detach the weight first when only logging.
     """
-    with no_autocast(weight.device):
-        return torch.linalg.matrix_norm(_matrix(weight), ord=2)
+    return numerics.spectral_norm(_matrix(weight))
 
 
-def stable_rank(weight: torch.Tensor) -> torch.Tensor:
+def stable_rank(weight: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
     """Stable rank ``‖W‖_F² / ‖W‖₂²`` of ``weight [N, H]`` -> scalar float32 in ``[1, min(N, H)]``.
 
     The zero matrix has stable rank 0 by convention (instead of 0/0), so logs stay finite.
+    ``sigma`` is ``σ_max(W)`` when the caller already has it (a penalty computing both saves an SVD).
     """
-    with no_autocast(weight.device):
-        w = _matrix(weight)
-        sigma = torch.linalg.matrix_norm(w, ord=2)
-        # Clamp the denominator, not the result: a zero matrix gives 0 / tiny = 0 and finite gradients.
-        return w.pow(2).sum() / sigma.pow(2).clamp_min(torch.finfo(torch.float32).tiny)
+    return numerics.stable_rank(_matrix(weight), sigma)
 
 
 def angular_concentration(

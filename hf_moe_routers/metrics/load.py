@@ -13,6 +13,7 @@ a load vector are scale-invariant, so they accept fractions or raw counts alike:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -25,6 +26,7 @@ __all__ = [
     "load_cv",
     "load_entropy",
     "load_fractions",
+    "load_statistics",
     "max_load_ratio",
 ]
 
@@ -124,6 +126,24 @@ def dead_experts(load_E: torch.Tensor) -> torch.Tensor:
     return (load_E == 0).sum(-1).float()
 
 
+def load_statistics(load_E: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The four window statistics of loads ``[..., E]`` (counts or fractions) -> each ``[...]`` float32.
+
+    ``{"load_entropy", "load_cv", "max_load_ratio", "dead_experts"}``, in the canonical order
+    (``hf_moe_routers.metrics.catalog``). Pass counts summed over a window: a single micro-batch is
+    too small to call an expert dead.
+
+    Raises:
+        ValueError: a row that sums to 0 (no token counted), or E < 2.
+    """
+    return {
+        "load_entropy": load_entropy(load_E),
+        "load_cv": load_cv(load_E),
+        "max_load_ratio": max_load_ratio(load_E),
+        "dead_experts": dead_experts(load_E),
+    }
+
+
 class ExpertLoadAccumulator:
     """Sums per-layer expert counts over a logging window of micro-batches (and processes).
 
@@ -139,23 +159,57 @@ class ExpertLoadAccumulator:
         tokens_L: ``[L]`` int64, real tokens seen per layer.
     """
 
-    def __init__(self, num_experts: int, num_layers: int = 1, device: torch.device | str | None = None):
-        check_num_experts(num_experts, minimum=2)
-        check_num_experts(num_layers, name="num_layers")
-        self.num_experts = num_experts
-        self.num_layers = num_layers
-        self.counts_LE = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=device)
-        self.tokens_L = torch.zeros(num_layers, dtype=torch.int64, device=device)
+    def __init__(
+        self,
+        num_experts: int | Sequence[int],
+        num_layers: int | None = None,
+        device: torch.device | str | None = None,
+    ):
+        """``num_experts``: E shared by ``num_layers`` layers (default 1), or one E per layer (then
+        ``num_layers`` may be left out). With different E per layer, ``counts_LE`` is as wide as
+        the largest and each layer's row is zero past its own E."""
+        if isinstance(num_experts, int):
+            check_num_experts(num_experts, minimum=2)
+            layers = 1 if num_layers is None else num_layers
+            check_num_experts(layers, name="num_layers")
+            widths = (num_experts,) * layers
+        else:
+            widths = tuple(num_experts)
+            for width in widths:
+                check_num_experts(width, minimum=2)
+            check_num_experts(len(widths), name="num_layers")
+            if num_layers is not None and num_layers != len(widths):
+                raise ValueError(f"num_layers is {num_layers} but num_experts lists {len(widths)} layers.")
+        self.num_experts_L = widths
+        self.num_experts = max(widths)
+        self.num_layers = len(widths)
+        self.counts_LE = torch.zeros(self.num_layers, self.num_experts, dtype=torch.int64, device=device)
+        self.tokens_L = torch.zeros(self.num_layers, dtype=torch.int64, device=device)
 
-    def update(self, indices_TK: torch.Tensor, mask: torch.Tensor | None = None, *, layer: int = 0) -> None:
-        """Add one micro-batch's top-k choices ``[T, K]`` of MoE layer ``layer`` (padding skipped)."""
+    def update(
+        self,
+        indices_TK: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        layer: int = 0,
+        validate: bool = True,
+    ) -> None:
+        """Add one micro-batch's top-k choices ``[T, K]`` of MoE layer ``layer`` (padding skipped).
+
+        ``validate`` checks the expert ids (one device-to-host sync, see :func:`expert_counts`).
+        """
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must be in [0, {self.num_layers}); got {layer}.")
         idx_TK = indices_TK.to(self.counts_LE.device)
-        counts_E = expert_counts(idx_TK, self.num_experts, mask, dtype=torch.int64)
-        self.counts_LE[layer] += counts_E
+        width = self.num_experts_L[layer]
+        counts_E = expert_counts(idx_TK, width, mask, dtype=torch.int64, validate=validate)
+        self.counts_LE[layer, :width] += counts_E
         # Every real token fills exactly K slots, so the token count follows from the slot count.
         self.tokens_L[layer] += counts_E.sum() // idx_TK.shape[-1]
+
+    def layer_counts(self, layer: int) -> torch.Tensor:
+        """``counts_E`` of one layer, ``[E_layer]`` int64 (a view of ``counts_LE``)."""
+        return self.counts_LE[layer, : self.num_experts_L[layer]]
 
     def all_reduce(self, group: object | None = None) -> None:
         """Sum the window's counts over all processes (no-op when torch.distributed is not initialised)."""
@@ -176,20 +230,22 @@ class ExpertLoadAccumulator:
 
     def load_fractions(self) -> torch.Tensor:
         """``[L, E]`` float32 slot shares of the window; raises if a layer saw no real token."""
+        self._check_not_empty()
+        return _normalised(self.counts_LE)
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """Per-layer window statistics, each ``[L]`` float32: load_entropy, load_cv, max_load_ratio,
+        dead_experts (see :func:`load_statistics`)."""
+        self._check_not_empty()
+        if len(set(self.num_experts_L)) == 1:
+            return load_statistics(self.counts_LE)
+        # Different E per layer: each row on its own width (padding columns are not experts).
+        rows = [load_statistics(self.layer_counts(i)) for i in range(self.num_layers)]
+        return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
+
+    def _check_not_empty(self) -> None:
         empty = (self.counts_LE.sum(-1) == 0).nonzero().flatten().tolist()
         if empty:
             raise ValueError(
                 f"ExpertLoadAccumulator: layer(s) {empty} received no real tokens in this window."
             )
-        return _normalised(self.counts_LE)
-
-    def metrics(self) -> dict[str, torch.Tensor]:
-        """Per-layer window statistics, each ``[L]`` float32: load_entropy, load_cv, max_load_ratio,
-        dead_experts."""
-        load_LE = self.load_fractions()
-        return {
-            "load_entropy": load_entropy(load_LE),
-            "load_cv": load_cv(load_LE),
-            "max_load_ratio": max_load_ratio(load_LE),
-            "dead_experts": dead_experts(self.counts_LE),
-        }

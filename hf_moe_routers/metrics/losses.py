@@ -26,14 +26,8 @@ from typing import Literal
 
 import torch
 
-from ._checks import (
-    check_index_range,
-    check_logits_values,
-    flat_indices,
-    flat_logits,
-    flat_mask,
-    no_autocast,
-)
+from ..numerics import no_autocast
+from ._checks import check_index_range, check_logits_values, flat_indices, flat_logits, flat_mask
 
 __all__ = [
     "layerwise_load_balance_loss",

@@ -12,7 +12,8 @@ import math
 
 import torch
 
-from ._checks import check_logits_values, flat_logits, flat_mask, no_autocast, select_tokens
+from ..numerics import no_autocast
+from ._checks import check_logits_values, flat_logits, flat_mask, select_tokens
 
 __all__ = ["kth_margin", "token_entropy", "top1_prob"]
 

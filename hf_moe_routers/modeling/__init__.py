@@ -1,21 +1,26 @@
 """Routed model classes for every supported host family, registered with the Auto classes.
 
-Importing ``hf_moe_routers`` registers ``routed_<family>`` configs with ``AutoConfig``, the model
-classes with ``AutoModel`` / ``AutoModelForCausalLM`` / ``AutoModelForSeq2SeqLM``, and the host
-family's checkpoint conversion rules under our class names (classes defined outside transformers
-get no built-in rules; docs/TRANSFORMERS.md pitfall 14). Registration is idempotent.
+Importing ``hf_moe_routers`` registers, for every family in ``FAMILIES`` (each modeling file
+registers its ``FamilyAdapter``), the ``routed_<family>`` config with ``AutoConfig``, each routed
+model class with the Auto class that maps the host class it replaces (``AutoModel`` /
+``AutoModelForCausalLM`` / ``AutoModelForSeq2SeqLM``), and the host family's checkpoint conversion
+rules under our class names (classes defined outside transformers get no built-in rules;
+docs/TRANSFORMERS.md pitfall 14). Registration is idempotent.
 """
 
 from __future__ import annotations
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..families import (
     FAMILIES,
     ONE_ELEMENT_PARAMETERS,
     FamilyAdapter,
     OneElementVector,
+    family_adapters,
     family_for_model,
+    family_for_router,
     supported_families,
 )
 from .base import (
@@ -84,28 +89,23 @@ from .switch_transformers import (
     RoutedSwitchTransformersTop1Router,
 )
 
-_CAUSAL_LM = (
-    (RoutedMixtralConfig, RoutedMixtralModel, RoutedMixtralForCausalLM),
-    (RoutedQwen2MoeConfig, RoutedQwen2MoeModel, RoutedQwen2MoeForCausalLM),
-    (RoutedQwen3MoeConfig, RoutedQwen3MoeModel, RoutedQwen3MoeForCausalLM),
-    (RoutedOlmoeConfig, RoutedOlmoeModel, RoutedOlmoeForCausalLM),
-    (RoutedDeepseekV3Config, RoutedDeepseekV3Model, RoutedDeepseekV3ForCausalLM),
-    (RoutedGptOssConfig, RoutedGptOssModel, RoutedGptOssForCausalLM),
-)
+#: The Auto classes a routed model class can be registered with: the one whose transformers mapping
+#: gives the host class it replaces (Switch's stack and encoder-only classes map to none).
+_AUTO_MODEL_CLASSES = (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM)
 
 
 def register_auto_classes() -> None:
     """Register every routed config and model with the transformers Auto classes (idempotent)."""
-    for config_cls, base_cls, lm_cls in _CAUSAL_LM:
-        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
-        AutoModel.register(config_cls, base_cls, exist_ok=True)
-        AutoModelForCausalLM.register(config_cls, lm_cls, exist_ok=True)
-    switch = RoutedSwitchTransformersConfig
-    AutoConfig.register(switch.model_type, switch, exist_ok=True)
-    AutoModel.register(switch, RoutedSwitchTransformersModel, exist_ok=True)
-    AutoModelForSeq2SeqLM.register(switch, RoutedSwitchTransformersForConditionalGeneration, exist_ok=True)
-
-    for adapter in {id(a): a for a in FAMILIES.values()}.values():
+    for adapter in family_adapters():
+        routed_config = adapter.routed_config_class
+        AutoConfig.register(adapter.routed_model_type, routed_config, exist_ok=True)
+        host_config = CONFIG_MAPPING[adapter.host_model_type]
+        for auto_class in _AUTO_MODEL_CLASSES:
+            if host_config not in auto_class._model_mapping:
+                continue
+            routed_model = adapter.model_classes.get(auto_class._model_mapping[host_config])
+            if routed_model is not None:
+                auto_class.register(routed_config, routed_model, exist_ok=True)
         adapter.register_conversion_mapping()
 
 
@@ -166,7 +166,9 @@ __all__ = [
     "RoutedSwitchTransformersPreTrainedModel",
     "RoutedSwitchTransformersStack",
     "RoutedSwitchTransformersTop1Router",
+    "family_adapters",
     "family_for_model",
+    "family_for_router",
     "register_auto_classes",
     "supported_families",
 ]

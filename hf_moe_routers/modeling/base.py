@@ -108,18 +108,34 @@ class SoftmaxTopKRoutedRouter(RoutedRouterMixin):
 
     Mixtral always renormalises the top-k weights and returns them in float32; the Qwen family
     and OLMoE renormalise only when ``norm_topk_prob`` and cast them to the logits' dtype.
+
+    Softmax, top-k and renormalisation are one op, ``hf_moe_routers.kernels.topk_softmax``: a fused
+    Triton kernel with its own backward for CUDA tensors when Triton is installed (and the kernel
+    backend allows it), else its torch reference, which is the host's ``softmax(dtype=float32)`` ->
+    ``topk`` -> divide, bit for bit (``tests/test_kernels.py`` checks both).
     """
 
     always_renormalize: ClassVar[bool] = False
     cast_weights_to_logits_dtype: ClassVar[bool] = True
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Route ``hidden_states [..., H]``.
+
+        Returns:
+            ``(logits [T, E], weights [T, K], indices [T, K] int64)``, T = all leading dims flattened;
+            weights float32, or the logits' dtype where the family casts them.
+        """
+        # Late, and left out of the remote code, where the name is bound to the same torch formula
+        # (EXCLUDED_MODULES in modeling/remote_code.py): the kernels import Triton when present.
+        from ..kernels import topk_softmax
+
         x_TH = hidden_states.reshape(-1, self.hidden_dim)  # type: ignore[attr-defined]
         logits_TE = self.router_logits(x_TH)
-        probs_TE = torch.nn.functional.softmax(logits_TE, dim=-1, dtype=torch.float)
-        weights_TK, indices_TK = torch.topk(probs_TE, self.top_k, dim=-1)  # type: ignore[attr-defined]
-        if self.always_renormalize or getattr(self, "norm_topk_prob", False):
-            weights_TK /= weights_TK.sum(dim=-1, keepdim=True)
+        # The host's softmax runs in float32 whatever the logits' dtype; the op would keep float64
+        # in float64, so only float64 is cast here (bf16 goes in as is: the kernel upcasts on load).
+        op_logits_TE = logits_TE.float() if logits_TE.dtype == torch.float64 else logits_TE
+        renormalize = bool(self.always_renormalize or getattr(self, "norm_topk_prob", False))
+        weights_TK, indices_TK = topk_softmax(op_logits_TE, self.top_k, renormalize=renormalize)  # type: ignore[attr-defined]
         if self.cast_weights_to_logits_dtype:
             weights_TK = weights_TK.to(logits_TE.dtype)
         return logits_TE, weights_TK, indices_TK

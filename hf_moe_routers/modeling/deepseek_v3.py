@@ -120,5 +120,11 @@ ADAPTER = register_family(
         num_experts=lambda c: c.n_routed_experts,
         top_k=lambda c: c.num_experts_per_tok,
         dense_gate=_dense_gate,
+        gate_attributes=("weight",),
+        logits_index=0,
+        indices_index=2,  # the router's own choice: corrected by the bias, group-limited
+        selection="group_limited_topk",
+        # Sigmoid scores, normalised per token as in DeepSeek-V3's sequence-wise balance loss.
+        balance_scoring="sigmoid",
     )
 )

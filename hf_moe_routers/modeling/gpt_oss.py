@@ -34,10 +34,14 @@ __all__ = [
 ]
 
 
+#: gpt-oss's gate is a weight and a bias held directly on the router.
+_GATE_ATTRIBUTES = ("weight", "bias")
+
+
 class RoutedGptOssTopKRouter(RoutedRouterMixin, GptOssTopKRouter):
     """gpt-oss's router with a pluggable scorer: top-k logits, softmax over those k."""
 
-    host_gate_attributes = ("weight", "bias")
+    host_gate_attributes = _GATE_ATTRIBUTES
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits_TE = self.router_logits(hidden_states)
@@ -94,5 +98,12 @@ ADAPTER = register_family(
         top_k=lambda c: c.num_experts_per_tok,
         dense_gate=_dense_gate,
         has_bias=lambda c: True,
+        gate_attributes=_GATE_ATTRIBUTES,
+        logits_index=0,
+        indices_index=2,
+        selection="topk",
+        # The router weights are a softmax over the K selected logits only, so the balance loss
+        # uses those (zero elsewhere), not transformers' copied full-softmax loss (docs/TRANSFORMERS.md §1).
+        balance_scoring="topk_softmax",
     )
 )

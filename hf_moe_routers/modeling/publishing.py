@@ -39,8 +39,33 @@ def _is_routed(model_or_config: Any) -> bool:
 
 
 def _api() -> HfApi:
-
     return HfApi(library_name="hf-moe-routers", library_version=__version__)
+
+
+def _upload(
+    api: HfApi,
+    repo_id: str,
+    folder: str | os.PathLike[str],
+    *,
+    commit_message: str | None,
+    token: bool | str | None,
+    revision: str | None,
+    create_pr: bool,
+    **upload_kwargs: Any,
+) -> Any:
+    """``api.upload_folder`` of ``folder`` in one commit, with our default commit message.
+
+    ``upload_kwargs`` go to ``upload_folder`` unchanged (``commit_description``, ``ignore_patterns``).
+    """
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        commit_message=commit_message or "Upload routed MoE model (hf-moe-routers)",
+        token=token,
+        revision=revision,
+        create_pr=create_pr,
+        **upload_kwargs,
+    )
 
 
 def write_hub_files(model: Any, folder: str | os.PathLike[str]) -> list[str]:
@@ -144,14 +169,15 @@ def push_routed_to_hub(
             tags=tags,
             **card_kwargs,
         )
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=tmp,
-            commit_message=commit_message or "Upload routed MoE model (hf-moe-routers)",
-            commit_description=commit_description,
+        return _upload(
+            api,
+            repo_id,
+            tmp,
+            commit_message=commit_message,
             token=token,
             revision=revision,
             create_pr=create_pr,
+            commit_description=commit_description,
         )
 
 
@@ -187,10 +213,11 @@ def push_folder_to_hub(
         )
     api = _api()
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-    return api.upload_folder(
-        repo_id=repo_id,
-        folder_path=folder,
-        commit_message=commit_message or "Upload routed MoE model (hf-moe-routers)",
+    return _upload(
+        api,
+        repo_id,
+        folder,
+        commit_message=commit_message,
         token=token,
         revision=revision,
         create_pr=create_pr,

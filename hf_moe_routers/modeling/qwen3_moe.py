@@ -82,5 +82,10 @@ ADAPTER = register_family(
         num_experts=lambda c: c.num_experts,
         top_k=lambda c: c.num_experts_per_tok,
         dense_gate=_dense_gate,
+        gate_attributes=("weight",),
+        logits_index=0,
+        indices_index=2,
+        selection="topk",
+        balance_scoring="softmax",
     )
 )

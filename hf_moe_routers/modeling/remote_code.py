@@ -58,16 +58,28 @@ REMOTE_CODE_PREFIX = "routed_moe_"
 #: environment that can import transformers passes ``check_imports`` for all three.
 ALLOWED_THIRD_PARTY = frozenset({"torch", "transformers", "huggingface_hub"})
 _HEADER_TAG = "# hf-moe-routers remote code"
+#: ``topk_softmax(logits_TE, top_k, renormalize=False) -> (weights_TK float32, index_TK)`` in torch
+#: alone: softmax in float32, top-k, then optionally divide by the kept sum (what the host routers do).
+_TORCH_TOPK_SOFTMAX = (
+    "lambda logits_TE, top_k, renormalize=False: (lambda weights_TK, index_TK: ("
+    "weights_TK / weights_TK.sum(dim=-1, keepdim=True) if renormalize else weights_TK, index_TK))("
+    "*torch.topk(logits_TE.float().softmax(dim=-1), top_k, dim=-1))"
+)
 #: Package modules left out of the remote code, with what each name imported from them becomes.
 #: The Triton kernels are an optional speed-up that imports triton; without them transformers' own
 #: experts implementation runs, which is what ``preferred_experts_implementation`` answering None
-#: means. Only imports inside functions may name these modules, and only names listed here:
+#: means, and the softmax routers' ``topk_softmax`` is its torch reference
+#: (``kernels.reference.reference_topk_softmax`` for non-float64 logits, the only ones the router
+#: passes), bit for bit. Only imports inside functions may name these modules, and only names listed here:
 #: anything else stops the generation, so a new dependency cannot slip in unnoticed.
 #: The publishing module (which holds this generator) is left out too: where only the remote code runs, transformers'
 #: ``save_pretrained`` already copies the remote files and sets ``auto_map`` (nothing to add), and
 #: a ``push_to_hub`` override falls back to transformers' own upload when the name is None.
 EXCLUDED_MODULES: dict[str, dict[str, str]] = {
-    "hf_moe_routers.kernels": {"preferred_experts_implementation": "lambda device: None"},
+    "hf_moe_routers.kernels": {
+        "preferred_experts_implementation": "lambda device: None",
+        "topk_softmax": _TORCH_TOPK_SOFTMAX,
+    },
     "hf_moe_routers.modeling.publishing": {
         "write_hub_files": "lambda model, folder: []",
         "push_routed_to_hub": "None",
@@ -263,7 +275,7 @@ def _rewrite(module: str, entry: str) -> RemoteCodeFile:
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
     header = (
         f"{_HEADER_TAG}: generated from {relative_path} (sha256 {digest}).\n"
-        "# Do not edit: regenerate with hf_moe_routers.hub.prepare_remote_code. Only the package-relative\n"
+        "# Do not edit: regenerate with hf_moe_routers.modeling.prepare_remote_code. Only the package-relative\n"
         "# imports differ from the source; they point at the flat sibling files of this folder.\n"
     )
     body = "".join(lines)

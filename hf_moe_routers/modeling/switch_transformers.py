@@ -40,10 +40,14 @@ __all__ = [
 ]
 
 
+#: The router attribute holding Switch's gate: a ``classifier`` Linear, not a ``weight``.
+_GATE_ATTRIBUTES = ("classifier",)
+
+
 class RoutedSwitchTransformersTop1Router(RoutedRouterMixin, SwitchTransformersTop1Router):
     """Switch's top-1 router with a pluggable scorer."""
 
-    host_gate_attributes = ("classifier",)
+    host_gate_attributes = _GATE_ATTRIBUTES
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         self.input_dtype = hidden_states.dtype
@@ -154,5 +158,14 @@ ADAPTER = register_family(
         top_k=lambda c: 1,
         dense_gate=_dense_gate,
         has_bias=lambda c: bool(c.router_bias),
+        gate_attributes=_GATE_ATTRIBUTES,
+        # The router takes [B, S, H] and returns (one-hot dispatch mask [B, S, E], top-1 probability
+        # [B, S, 1], logits [B, S, E]): the logits come last and no expert indices come back.
+        router_input="sequences",
+        logits_index=2,
+        indices_index=None,
+        selection="top1_capacity",
+        router_top_k=lambda router: 1,  # the host router has no top_k attribute
+        balance_scoring="softmax",
     )
 )

@@ -1,9 +1,12 @@
 """Find a model's routers and capture what they return during the Trainer's forward passes.
 
-Works on patched and unpatched transformers MoE models alike: routers are the modules of the class
-the model records ``router_logits`` from (``_can_record_outputs``), so our routed routers (which
-subclass the host's) and the host's own are both found. Captures are returned to the caller, never
-kept in a global: the Trainer starts a capture around its forward and takes the result.
+Works on patched and unpatched models of every supported family alike (``supported_families()``:
+the host and the routed model type of a family map to the same ``FamilyAdapter``). Routers are the
+modules of the family's host router class, so our routed routers (which subclass the host's) and the
+host's own are both found. Everything family-specific (how a router is called, where its output
+tuple holds the logits and the selected experts, its top-k, its gate, its balance probabilities)
+comes from the family adapter. Captures are returned to the caller, never kept in a global: the
+Trainer starts a capture around its forward and takes the result.
 
 Shape legend: T tokens, H router input size, E experts, K top-k.
 """
@@ -17,12 +20,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..families import FAMILIES, FamilyAdapter, family_for_router, model_type_of, supported_families
 from ..modeling.base import RoutedRouterMixin
 
 __all__ = ["RouterCapture", "RouterCollector", "RouterInfo", "find_routers"]
-
-# How each family turns logits into routing probabilities for the balance loss (docs/TRANSFORMERS.md §1).
-_SCORING_BY_MODEL_TYPE = {"deepseek_v3": "sigmoid", "gpt_oss": "topk_softmax"}
 
 
 @dataclasses.dataclass
@@ -36,6 +37,17 @@ class RouterInfo:
     top_k: int
     logits_index: int  # position of the logits in the router's output tuple
     stack: str  # "decoder" (causal LMs and Switch decoders) or "encoder"
+    # The router's family; found from the router's class when not given.
+    adapter: FamilyAdapter | None = None
+
+    def __post_init__(self) -> None:
+        if self.adapter is None:
+            self.adapter = family_for_router(self.module)
+        if self.adapter is None:
+            raise ValueError(
+                f"Router {self.name} ({type(self.module).__name__}) belongs to no supported family "
+                f"({', '.join(supported_families())})."
+            )
 
     @property
     def routed(self) -> bool:
@@ -50,13 +62,12 @@ class RouterInfo:
         """The matrix reading the router input ``[N, H]`` (effective under SR-MoE constrain)."""
         if self.routed:
             return self.scorer.effective_routing_matrix().detach()
-        for name in ("weight",):
-            if isinstance(getattr(self.module, name, None), torch.Tensor):
-                return getattr(self.module, name).detach()
-        classifier = getattr(self.module, "classifier", None)
-        if classifier is not None:
-            return classifier.weight.detach()
-        raise ValueError(f"Cannot find the gate weight of router {self.name} ({type(self.module).__name__}).")
+        return self._family.gate_matrix(self.module).detach()
+
+    @property
+    def _family(self) -> FamilyAdapter:
+        assert self.adapter is not None  # set in __post_init__
+        return self.adapter
 
     def expert_rows(self) -> torch.Tensor:
         """Expert anchors / gate rows ``[E*M, *]`` for angular concentration."""
@@ -89,9 +100,8 @@ class RouterInfo:
         try:
             if self.routed:
                 return self.module.scorer(x_TH).float()  # type: ignore[attr-defined]
-            x = x_TH.unsqueeze(0) if self.logits_index == 2 else x_TH  # Switch wants [B, S, H]
-            out = self.module(x)
-            return out[self.logits_index].reshape(-1, self.num_experts).float()
+            family = self._family
+            return family.output_logits(family.call_router(self.module, x_TH), self.num_experts).float()
         finally:
             self.module.train(was_training)
 
@@ -123,22 +133,36 @@ def _layer_label(name: str, position: int) -> tuple[str, str]:
     return f"{prefix}_{index}", stack
 
 
-def find_routers(model: nn.Module) -> list[RouterInfo]:
-    """Every router of ``model`` in module order; an error for a model without recorded routers."""
-    recorder = None
-    for module in model.modules():
-        spec = getattr(type(module), "_can_record_outputs", None) or {}
-        if "router_logits" in spec:
-            recorder = spec["router_logits"]
-            break
-    if recorder is None:
+def _supported() -> str:
+    return ", ".join(supported_families())
+
+
+def _family_of(model: nn.Module) -> FamilyAdapter:
+    """The family adapter of ``model`` (host or routed, PEFT-wrapped or not), from its config's
+    model type; an error naming the supported families for any other model."""
+    records_routers = any(
+        "router_logits" in (getattr(type(module), "_can_record_outputs", None) or {})
+        for module in model.modules()
+    )
+    if not records_routers:
         raise ValueError(
             f"{type(model).__name__} records no router_logits: it is not a transformers MoE model "
-            "(supported: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Switch Transformers and their routed forms)."
+            f"(supported families: {_supported()}, and their routed forms)."
         )
-    target = getattr(recorder, "target_class", recorder)
-    index = getattr(recorder, "index", 0) or 0
-    config = getattr(model, "config", None)
+    model_type = model_type_of(model)
+    adapter = FAMILIES.get(model_type)  # type: ignore[arg-type]
+    if adapter is None:
+        raise ValueError(
+            f"{type(model).__name__} (model_type={model_type!r}) is a MoE model of a family hf_moe_routers "
+            f"does not support (supported families: {_supported()}, and their routed forms)."
+        )
+    return adapter
+
+
+def find_routers(model: nn.Module) -> list[RouterInfo]:
+    """Every router of ``model`` in module order; an error for a model of no supported family."""
+    adapter = _family_of(model)
+    target = adapter.host_router_class  # routed routers subclass it
     infos = []
     for name, module in model.named_modules():
         if not isinstance(module, target):
@@ -146,21 +170,21 @@ def find_routers(model: nn.Module) -> list[RouterInfo]:
         if ".original_module" in f".{name}":
             continue  # PEFT modules_to_save keeps a frozen copy that never runs
         num_experts = int(module.num_experts)
-        top_k = int(getattr(module, "top_k", 1))
-        if index == 2:  # Switch: top-1
-            top_k = 1
+        top_k = adapter.router_top_k(module)
         layer, stack = _layer_label(name, len(infos))
-        infos.append(RouterInfo(name, layer, module, num_experts, top_k, index, stack))
+        infos.append(
+            RouterInfo(name, layer, module, num_experts, top_k, adapter.logits_index, stack, adapter)
+        )
     if not infos:
         raise ValueError(f"{type(model).__name__} has no {target.__name__} module.")
-    del config
     return infos
 
 
 def routing_scoring(model: nn.Module) -> str:
-    """``"softmax"``, ``"sigmoid"`` or ``"topk_softmax"``: how the family turns logits into probabilities."""
-    model_type = getattr(getattr(model, "config", None), "model_type", "")
-    return _SCORING_BY_MODEL_TYPE.get(str(model_type).removeprefix("routed_"), "softmax")
+    """``"softmax"``, ``"sigmoid"`` or ``"topk_softmax"``: how the model's family turns logits into
+    balance probabilities (its adapter's ``balance_scoring``, the ``scoring`` of
+    ``metrics.routing_probs``; ``FamilyAdapter.balance_probabilities`` applies it)."""
+    return _family_of(model).balance_scoring
 
 
 class RouterCollector:
@@ -205,12 +229,9 @@ class RouterCollector:
             if not self._active:
                 return
             x = args[0] if args else next(iter(kwargs.values()))
-            logits = output[info.logits_index]
-            logits_TE = logits.reshape(-1, info.num_experts)
-            if info.logits_index == 0 and len(output) == 3 and not output[2].is_floating_point():
-                indices_TK = output[2].reshape(logits_TE.shape[0], -1)  # the router's own selection
-            else:
-                indices_TK = logits_TE.detach().topk(info.top_k, dim=-1).indices
+            family = info._family
+            logits_TE = family.output_logits(output, info.num_experts)
+            indices_TK = family.output_indices(output, logits_TE, info.top_k)
             self._captures[position] = RouterCapture(
                 logits_TE, indices_TK, x.detach().reshape(-1, x.shape[-1])
             )

@@ -14,15 +14,17 @@ logits into its own top-k convention; see ``hf_moe_routers.modeling``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from ..numerics import no_autocast, spectral_norm, stable_rank
 
 try:
     from torch.distributed.tensor import DTensor as _DTensor
@@ -30,11 +32,12 @@ except ImportError:  # pragma: no cover - a torch build without distributed supp
     _DTensor = None
 
 __all__ = [
+    "SCORERS",
     "RouterConfig",
     "RouterScorer",
-    "float32_routing",
+    "no_autocast",
     "full_tensor",
-    "spectral_norm_exact",
+    "spectral_norm",
     "stable_rank",
 ]
 
@@ -87,14 +90,35 @@ def check_bool(owner: str, field: str, value: Any) -> None:
 # Router configs
 # --------------------------------------------------------------------------------------------
 
-_CONFIG_REGISTRY: dict[str, type[RouterConfig]] = {}
+#: The one router registry: ``router_type`` -> scorer class. A scorer class registers itself when
+#: it is defined (``RouterScorer.__init_subclass__``), under its ``config_class.router_type``; the
+#: config class of a type is found through it (``_config_class``), so a router type is one
+#: (config, scorer) pair named in one place, the scorer's ``config_class``.
+_ROUTER_TYPES: dict[str, type[RouterScorer]] = {}
+#: Read-only view of the registry, for callers that list the router types or their scorers.
+SCORERS: Mapping[str, type[RouterScorer]] = MappingProxyType(_ROUTER_TYPES)
+
+
+def _config_class(router_type: Any) -> type[RouterConfig]:
+    """The config class registered for ``router_type``; a ``ValueError`` listing the types if none."""
+    if router_type not in _ROUTER_TYPES:
+        raise ValueError(
+            f"router_type must be one of {', '.join(repr(t) for t in sorted(_ROUTER_TYPES))}; "
+            f"got {router_type!r}."
+        )
+    return _ROUTER_TYPES[router_type].config_class
+
+
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 @dataclasses.dataclass
 class RouterConfig:
     """Base class of every router config.
 
-    Subclasses are dataclasses with a class-level ``router_type`` and override ``validate``.
+    Subclasses are dataclasses with a class-level ``router_type`` and override ``validate``; the
+    type is registered by the scorer that names the config as its ``config_class``.
     ``check_finite`` (shared by all methods) makes the router raise a clear error when the hidden
     states it receives contain NaN or Inf; it costs one device sync per router call, so switch it
     off for ``torch.compile`` or maximal speed.
@@ -102,11 +126,6 @@ class RouterConfig:
 
     router_type: ClassVar[str] = ""
     check_finite: bool = True
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.router_type:
-            _CONFIG_REGISTRY[cls.router_type] = cls
 
     def __post_init__(self) -> None:
         check_bool(type(self).__name__, "check_finite", self.check_finite)
@@ -131,13 +150,7 @@ class RouterConfig:
         if not isinstance(data, dict):
             raise ValueError(f"A router config must be a RouterConfig or a dict; got {type(data).__name__}.")
         data = dict(data)
-        router_type = data.pop("router_type", None)
-        if router_type not in _CONFIG_REGISTRY:
-            raise ValueError(
-                f"router_type must be one of {', '.join(repr(t) for t in sorted(_CONFIG_REGISTRY))}; "
-                f"got {router_type!r}."
-            )
-        cls = _CONFIG_REGISTRY[router_type]
+        cls = _config_class(data.pop("router_type", None))
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -152,11 +165,7 @@ class RouterConfig:
     ) -> RouterConfig:
         """The config of ``router_type`` from a JSON object of its fields (command-line flags);
         ``defaults`` fill fields the JSON leaves out."""
-        if router_type not in _CONFIG_REGISTRY:
-            raise ValueError(
-                f"router_type must be one of {', '.join(repr(t) for t in sorted(_CONFIG_REGISTRY))}; "
-                f"got {router_type!r}."
-            )
+        _config_class(router_type)  # an unknown type is named before the JSON is looked at
         try:
             kwargs = json.loads(router_kwargs)
         except json.JSONDecodeError as error:
@@ -165,27 +174,23 @@ class RouterConfig:
             ) from None
         if not isinstance(kwargs, dict):
             raise ValueError(f"router_kwargs must be a JSON object; got {router_kwargs!r}.")
+        if "router_type" in kwargs:  # it would silently replace the type asked for
+            raise ValueError("router_kwargs must not contain router_type; use --router_type.")
         return RouterConfig.from_dict({"router_type": router_type, **(defaults or {}), **kwargs})
 
     @staticmethod
     def registered_types() -> tuple[str, ...]:
-        return tuple(sorted(_CONFIG_REGISTRY))
+        """Every registered ``router_type``, sorted (the keys of ``SCORERS``)."""
+        return tuple(sorted(_ROUTER_TYPES))
 
 
 # --------------------------------------------------------------------------------------------
 # Float32 math and matrix statistics
 # --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def float32_routing(device: torch.device | str) -> Iterator[None]:
-    """Disable autocast so routing math stays in float32 whatever the model's precision."""
-    device_type = torch.device(device).type
-    if device_type not in ("cuda", "cpu", "xpu", "mps", "hpu"):
-        yield
-        return
-    with torch.autocast(device_type=device_type, enabled=False):
-        yield
+# These mirror hf_moe_routers.metrics (no_autocast, spectral_norm, stable_rank), which cannot be
+# imported here: this module ships as standalone remote code (modeling/remote_code.py) that may
+# import only its own sibling files, and importing the metrics would add the whole metrics package
+# to every saved model. tests/test_report.py checks the two copies give identical numbers.
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -198,20 +203,6 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     if _DTensor is not None and isinstance(tensor, _DTensor):
         return tensor.full_tensor()
     return tensor
-
-
-def spectral_norm_exact(weight: torch.Tensor) -> torch.Tensor:
-    """Largest singular value of ``weight [N, H]`` in float32 (differentiable)."""
-    with float32_routing(weight.device):
-        return torch.linalg.matrix_norm(weight.float(), ord=2)
-
-
-def stable_rank(weight: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
-    """``‖W‖_F² / ‖W‖₂²`` of ``weight [N, H]`` in float32; between 1 and ``min(N, H)``."""
-    with float32_routing(weight.device):
-        w = weight.float()
-        sigma = spectral_norm_exact(w) if sigma is None else sigma.float()
-        return w.pow(2).sum() / sigma.pow(2).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,6 +224,28 @@ class RouterScorer(nn.Module):
     #: ``fully_shard`` refuses scalar parameters); checkpoints written by hf-moe-routers 0.1.0 stored
     #: them 0-dim, and both ``load_state_dict`` and ``from_pretrained`` still read those.
     one_element_parameters: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Register the class as the scorer of its ``config_class.router_type`` (see ``SCORERS``).
+
+        Only a class that declares ``config_class`` itself registers: a subclass that inherits it
+        is a variant of the same router type, not a new one, and must not take its place.
+        """
+        super().__init_subclass__(**kwargs)
+        config_class = cls.__dict__.get("config_class")
+        if config_class is None:
+            return
+        router_type = config_class.router_type
+        if not router_type:
+            raise TypeError(f"{config_class.__name__} (config_class of {cls.__name__}) sets no router_type.")
+        registered = _ROUTER_TYPES.get(router_type)
+        # The same class defined again (a reloaded module) replaces itself; another class may not.
+        if registered is not None and _qualified_name(registered) != _qualified_name(cls):
+            raise TypeError(
+                f"router_type {router_type!r} is already registered by {_qualified_name(registered)}; "
+                f"{_qualified_name(cls)} needs a config class with another router_type."
+            )
+        _ROUTER_TYPES[router_type] = cls
 
     def __init__(self, config: RouterConfig, hidden_size: int, num_experts: int, *, bias: bool = False):
         super().__init__()
@@ -322,7 +335,7 @@ class RouterScorer(nn.Module):
 
     def spectral_norm(self) -> torch.Tensor:
         """σ_max of ``routing_matrix()`` in float32."""
-        return spectral_norm_exact(self.routing_matrix().detach())
+        return spectral_norm(self.routing_matrix().detach())
 
     def stable_rank(self) -> torch.Tensor:
         """Stable rank of ``routing_matrix()`` in float32."""

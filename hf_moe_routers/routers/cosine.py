@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
-from .base import RouterConfig, RouterScorer, check_bool, check_number, float32_routing, full_tensor
+from .base import RouterConfig, RouterScorer, check_bool, check_number, full_tensor, no_autocast
 
 __all__ = ["CosineRouterConfig", "CosineScorer"]
 
@@ -82,7 +82,7 @@ class CosineScorer(RouterScorer):
         )
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
-        with float32_routing(x_TH.device):
+        with no_autocast(x_TH.device):
             q_TD = F.normalize(F.linear(x_TH.float(), self.proj.float()), dim=-1, eps=_EPS)
             e_ED = F.normalize(self.embeddings.float(), dim=-1, eps=_EPS)
             return (q_TD @ e_ED.t()) / self.temperature()
@@ -123,7 +123,7 @@ class CosineScorer(RouterScorer):
         return True
 
     def queries(self, x_TH: torch.Tensor) -> torch.Tensor:
-        with float32_routing(x_TH.device):
+        with no_autocast(x_TH.device):
             return F.linear(x_TH.float(), self.routing_matrix().float())
 
     def routing_matrix(self) -> torch.Tensor:
@@ -138,7 +138,7 @@ class CosineScorer(RouterScorer):
     @torch.no_grad()
     def local_lipschitz_bound(self, x_TH: torch.Tensor) -> torch.Tensor:
         """``‖J(x)‖ ≤ σ(P) / ‖P x‖ · σ(Ê) / τ`` per token (the unit-normalisation's slope is 1/‖q‖)."""
-        with float32_routing(x_TH.device):
+        with no_autocast(x_TH.device):
             q_norm = self.queries(x_TH).norm(dim=-1).clamp_min(_EPS)
             unit = F.normalize(self.expert_embeddings().float(), dim=-1, eps=_EPS)
             sigma_p = torch.linalg.matrix_norm(self.routing_matrix().float(), ord=2)

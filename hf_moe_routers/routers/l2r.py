@@ -29,9 +29,9 @@ from .base import (
     RouterScorer,
     check_choice,
     check_number,
-    float32_routing,
     full_tensor,
-    spectral_norm_exact,
+    no_autocast,
+    spectral_norm,
 )
 
 __all__ = ["L2RConfig", "L2RScorer"]
@@ -131,12 +131,12 @@ class L2RScorer(RouterScorer):
 
     def queries(self, x_TH: torch.Tensor) -> torch.Tensor:
         """Latent queries ``q_TR = W_q · norm(x)`` in float32."""
-        with float32_routing(x_TH.device):
+        with no_autocast(x_TH.device):
             return F.linear(self._normalise_input(x_TH.float()), self.routing_matrix().float())
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
-        with float32_routing(x_TH.device):
+        with no_autocast(x_TH.device):
             q_TR = self.queries(x_TH)
             q_norm_T = q_TR.norm(dim=-1)
             q_unit_TR = q_TR / q_norm_T.clamp_min(_NORM_EPS).unsqueeze(-1)
@@ -229,12 +229,12 @@ class L2RScorer(RouterScorer):
         anchors = full_tensor(self.anchors).float()
         norms = anchors.norm(dim=-1, keepdim=True)
         stacked = self.psi(norms.squeeze(-1)).unsqueeze(-1) * anchors / norms.clamp_min(_NORM_EPS)
-        return spectral_norm_exact(stacked.reshape(-1, stacked.shape[-1]))
+        return spectral_norm(stacked.reshape(-1, stacked.shape[-1]))
 
     @torch.no_grad()
     def local_lipschitz_bound(self, x_TH: torch.Tensor) -> torch.Tensor:
         """``‖J(x)‖ ≤ ‖J_norm(x)‖ · σ(W_q) · max(|φ'(‖q‖)|, |φ(‖q‖)|/‖q‖) · σ(A) / τ`` per token."""
-        with float32_routing(x_TH.device):
+        with no_autocast(x_TH.device):
             x = x_TH.float()
             if self.config.input_norm == "rms":
                 scale = torch.rsqrt(x.pow(2).mean(-1) + _NORM_EPS)  # the RMSNorm Jacobian's norm
@@ -248,7 +248,7 @@ class L2RScorer(RouterScorer):
                 slope = 1.0 / torch.cosh(q_norm / gamma).pow(2)
             radial = self.phi(q_norm).abs() / q_norm.clamp_min(_NORM_EPS)
             g = torch.maximum(slope, radial)
-            sigma_q = spectral_norm_exact(self.routing_matrix())
+            sigma_q = spectral_norm(self.routing_matrix())
             return scale * sigma_q * g * self._anchor_matrix_sigma() / self.config.temperature
 
     def lipschitz_bound(self) -> torch.Tensor:
@@ -260,10 +260,10 @@ class L2RScorer(RouterScorer):
         input norm and ``1/sqrt(eps)`` for the RMSNorm (its slope at 0). ``affine_tanh`` has
         ``φ(0) = γ ≠ 0``: the logits jump at ``q = 0`` and no global bound exists (``inf``).
         """
-        with torch.no_grad(), float32_routing(self._device()):
+        with torch.no_grad(), no_autocast(self._device()):
             if self.config.phi == "affine_tanh":
                 return torch.tensor(float("inf"), device=self._device())
             sigma_a = self._anchor_matrix_sigma()
-            sigma_q = spectral_norm_exact(self.routing_matrix())
+            sigma_q = spectral_norm(self.routing_matrix())
             norm_factor = 1.0 / math.sqrt(_NORM_EPS) if self.config.input_norm == "rms" else 1.0
             return sigma_a * sigma_q * norm_factor / self.config.temperature

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
-from .base import RouterConfig, RouterScorer, full_tensor, spectral_norm_exact
+from .base import RouterConfig, RouterScorer, full_tensor, spectral_norm
 
 __all__ = ["LinearRouterConfig", "LinearScorer"]
 
@@ -59,4 +59,4 @@ class LinearScorer(RouterScorer):
 
     def lipschitz_bound(self) -> torch.Tensor:
         # The logits are affine in x, so their Lipschitz constant is exactly σ_max(W).
-        return spectral_norm_exact(self.routing_matrix().detach())
+        return spectral_norm(self.routing_matrix().detach())

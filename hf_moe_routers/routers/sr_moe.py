@@ -33,9 +33,9 @@ from .base import (
     RouterScorer,
     check_choice,
     check_number,
-    float32_routing,
     full_tensor,
-    spectral_norm_exact,
+    no_autocast,
+    spectral_norm,
     stable_rank,
 )
 
@@ -145,7 +145,7 @@ class SRMoEScorer(RouterScorer):
     def _calibrate(self, matrix: torch.Tensor, *, bound: bool, power: bool) -> None:
         if bound:
             configured = self.config.spectral_bound
-            value = spectral_norm_exact(matrix) if configured is None else torch.tensor(float(configured))
+            value = spectral_norm(matrix) if configured is None else torch.tensor(float(configured))
             self.spectral_bound.copy_(value.to(self.spectral_bound))
         if power:
             # Start the power iteration at the exact top left-singular vector: σ̂ = σ at step 0.
@@ -164,7 +164,7 @@ class SRMoEScorer(RouterScorer):
         return full_tensor(self._matrix_parameter())
 
     def effective_routing_matrix(self) -> torch.Tensor:
-        with torch.no_grad(), float32_routing(self._device()):
+        with torch.no_grad(), no_autocast(self._device()):
             return self.effective_matrix(update=False)
 
     def _sigma(self, matrix: torch.Tensor, update: bool) -> torch.Tensor:
@@ -201,7 +201,7 @@ class SRMoEScorer(RouterScorer):
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
-        with float32_routing(x_TH.device):
+        with no_autocast(x_TH.device):
             x = x_TH.float()
             self._ensure_calibrated()
             update = self.training and torch.is_grad_enabled() and self.config.sigma_method == "power"
@@ -246,7 +246,7 @@ class SRMoEScorer(RouterScorer):
     def regularization_terms(self) -> dict[str, torch.Tensor]:
         self._ensure_calibrated()
         matrix = self.routing_matrix()
-        with float32_routing(matrix.device):
+        with no_autocast(matrix.device):
             matrix = matrix.float()
             terms: dict[str, torch.Tensor] = {}
             sigma = self._sigma(matrix, update=False)
@@ -263,7 +263,7 @@ class SRMoEScorer(RouterScorer):
         return {"spectral": self.config.spectral_weight, "stable_rank": self.config.stable_rank_weight}
 
     def lipschitz_bound(self) -> torch.Tensor:
-        with torch.no_grad(), float32_routing(self._device()):
-            sigma = spectral_norm_exact(self.effective_matrix(update=False))
+        with torch.no_grad(), no_autocast(self._device()):
+            sigma = spectral_norm(self.effective_matrix(update=False))
             factor = 1.0 if self.config.scoring == "linear" else 2.0
             return factor * sigma / self.config.temperature

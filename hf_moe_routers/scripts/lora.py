@@ -13,21 +13,26 @@ copy. The adapter is saved to ``output_dir``; with ``--merge`` the merged model 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoModelForCausalLM, HfArgumentParser, set_seed
+from transformers import set_seed
 
-from .. import data_utils
-from ..modeling.base import RoutedRouterMixin
 from ..patching import patch_moe_routers
-from ..trainers.arguments import MoERouterTrainingArguments
-from ..trainers.trainer import MoERouterTrainer
-from .clm import DataArguments, default_training_arguments, load_corpus
-from .finetune import PatchArguments, _tokenizer
+from .common import (
+    CHECKPOINT_RUN_DEFAULTS,
+    DataArguments,
+    PatchArguments,
+    checkpoint_and_data,
+    is_routed,
+    parse_flags,
+    train_and_evaluate,
+)
 from .launch import ends_distributed
+from .report import write_run_report
 
+#: Unset training flags: a checkpoint run's; LoRA's few new weights take a higher rate than a full fine-tune.
+TRAINING_DEFAULTS = dict(CHECKPOINT_RUN_DEFAULTS, output_dir="outputs/finetune_lora", learning_rate=1e-3)
 #: Where each family keeps its fused experts and its router, relative to a decoder layer.
 EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 ROUTER_MODULES = ["mlp.gate"]  # not "gate": that suffix also matches Qwen2-MoE's shared_expert_gate
@@ -62,54 +67,36 @@ def lora_config(args: LoraArguments) -> Any:
     )
 
 
-@ends_distributed
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from peft import get_peft_model
-
-    parser = HfArgumentParser((PatchArguments, LoraArguments, DataArguments, MoERouterTrainingArguments))
-    defaults = default_training_arguments("outputs/finetune_lora")
-    defaults.update(max_steps=100, learning_rate=1e-3, eval_steps=50, save_steps=50, logging_steps=10)
-    parser.set_defaults(**defaults)
-    patch_args, lora_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    if not Path(patch_args.model_name_or_path, "config.json").is_file():
-        raise ValueError(
-            f"model_name_or_path: {patch_args.model_name_or_path!r} is not a saved model folder (no config.json)."
-        )
-    set_seed(training_args.seed)
-    model = AutoModelForCausalLM.from_pretrained(patch_args.model_name_or_path)
-    if not any(isinstance(m, RoutedRouterMixin) for m in model.modules()):
-        model = patch_moe_routers(model, patch_args.router_config())
-    train_texts, eval_texts = load_corpus(data_args)
-    tokenizer = _tokenizer(patch_args.model_name_or_path, train_texts, model.config.vocab_size)
-    train_dataset, eval_dataset = data_utils.build_lm_datasets(
-        train_texts,
-        eval_texts,
-        tokenizer,
-        data_args.block_size,
-        max_train_blocks=data_args.max_train_blocks,
-        max_eval_blocks=data_args.max_eval_blocks,
-    )
-    peft_model = get_peft_model(model, lora_config(lora_args))
-    peft_model.print_trainable_parameters()
-    trainer = MoERouterTrainer(
-        model=peft_model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-    )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    metrics = trainer.evaluate()
-    output = Path(training_args.output_dir)
+def save_adapter(peft_model: Any, tokenizer: Any, output: Path, merge: bool) -> None:
+    """The adapter and tokenizer to ``output``; with ``merge`` the merged model too (``merged/``)."""
     peft_model.save_pretrained(output)
     tokenizer.save_pretrained(output)
-    if lora_args.merge:
+    if merge:
         merged = peft_model.merge_and_unload()
         merged.save_pretrained(output / "merged")
         tokenizer.save_pretrained(output / "merged")
-    if trainer.is_world_process_zero():
-        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
-        (output / "routing_metrics.json").write_text(json.dumps(clean, indent=2, sort_keys=True, default=str))
+
+
+@ends_distributed
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Patch (unless already routed), wrap with LoRA, fine-tune, evaluate and save the adapter;
+    returns the final evaluation metrics."""
+    from peft import get_peft_model
+
+    patch_args, lora_args, data_args, training_args = parse_flags(
+        (PatchArguments, LoraArguments, DataArguments), argv, **TRAINING_DEFAULTS
+    )
+    set_seed(training_args.seed)
+    model, tokenizer, train_dataset, eval_dataset = checkpoint_and_data(patch_args, data_args)
+    if not is_routed(model):
+        model = patch_moe_routers(model, patch_args.router_config())
+    peft_model = get_peft_model(model, lora_config(lora_args))
+    peft_model.print_trainable_parameters()
+    trainer, metrics = train_and_evaluate(peft_model, training_args, train_dataset, eval_dataset, tokenizer)
+    output = Path(training_args.output_dir)
+    # Not save_run's trainer.save_model: the result is the adapter (and the merged model), not the base.
+    save_adapter(peft_model, tokenizer, output, lora_args.merge)
+    if write_run_report(trainer, metrics, patch_args.router_type):
         print(
             f"adapter saved to {output}"
             + (f", merged model to {output / 'merged'}" if lora_args.merge else "")

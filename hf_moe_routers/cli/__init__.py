@@ -1,0 +1,160 @@
+"""Command line: ``hf-moe-routers <command>`` (also ``python -m hf_moe_routers <command>``).
+
+Commands:
+    patch        load a local MoE checkpoint, swap its routers, optionally distil, save (with remote code)
+    train        train a routed MoE causal LM (``examples/train_clm.py``; ``train --help`` for flags)
+    finetune     patch a saved MoE checkpoint, optionally distil, fine-tune, save
+    bench        run a benchmark script of ``benchmarks/`` (a source checkout)
+    card         render the model card (README.md) of a saved model folder
+    inspect      print a saved model's router config and its routing metrics on a text
+    export       save a routed model whose routers are linear in form as a plain family checkpoint
+    patch-demo   patch, distil, save and reload a tiny Mixtral with every router
+
+Every command takes ``--help``. Bad input (a path that is not a model, an unsupported family, bad
+router options) exits with status 2 and a message naming the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from .commands import (
+    INSPECT_METRICS,
+    run_bench,
+    run_card,
+    run_export,
+    run_inspect,
+    run_patch,
+    run_patch_demo,
+)
+from .loading import CommandError
+
+__all__ = ["COMMANDS", "INSPECT_METRICS", "CommandError", "build_parser", "main"]
+
+COMMANDS = {
+    "patch": "load a local MoE checkpoint, swap its routers, optionally distil, save",
+    "train": "train a routed MoE causal LM from scratch (flags: train --help)",
+    "finetune": "patch a saved MoE checkpoint, distil, fine-tune and save (flags: finetune --help)",
+    "bench": "run a benchmark of benchmarks/ (e.g. bench dispatch --device cpu)",
+    "card": "render the model card (README.md) of a saved model folder",
+    "inspect": "print a saved model's router config and routing metrics on a text file",
+    "export": "save a routed model (linear or SR-MoE linear routers) as a plain family checkpoint",
+    "patch-demo": "patch, distil, save and reload a tiny Mixtral with every router",
+}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and each command's parser (used to report errors under its name)."""
+    parser = argparse.ArgumentParser(
+        prog="hf-moe-routers",
+        description="Better routers for Hugging Face MoE models: patch, train, inspect, publish.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parsers = {name: sub.add_parser(name, help=text, description=text) for name, text in COMMANDS.items()}
+
+    patch = parsers["patch"]
+    patch.add_argument(
+        "model_path",
+        help="a local checkpoint folder of a supported family: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, "
+        "DeepSeek-V3, gpt-oss or Switch Transformers",
+    )
+    patch.add_argument("--router_type", required=True, help="linear, sr_moe, l2r or cosine")
+    patch.add_argument(
+        "--router_kwargs", default="{}", help="router config fields as JSON, e.g. '{\"rank\": 16}'"
+    )
+    patch.add_argument("--output_dir", required=True, help="where to save the routed model")
+    patch.add_argument("--distill_steps", type=int, default=0, help="router distillation steps (0: none)")
+    patch.add_argument("--distill_lr", type=float, default=1e-2)
+    patch.add_argument("--text_file", default=None, help="calibration text (default: the bundled corpus)")
+    patch.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the checkpoint's own)")
+    patch.add_argument("--block_size", type=int, default=64, help="tokens per calibration sequence")
+    patch.add_argument("--num_blocks", type=int, default=16, help="calibration sequences")
+    patch.add_argument("--batch_size", type=int, default=8)
+    patch.add_argument("--base_model", default=None, help="Hub id of the checkpoint, for the model card")
+    patch.add_argument("--seed", type=int, default=0)
+
+    card = parsers["card"]
+    card.add_argument("model_path", help="a saved model folder")
+    card.add_argument(
+        "--metrics", default=None, help="metrics JSON (default: the folder's routing_metrics.json)"
+    )
+    card.add_argument("--output", default=None, help="where to write (default: MODEL_PATH/README.md)")
+    card.add_argument("--print", action="store_true", help="print the card instead of writing it")
+    card.add_argument(
+        "--force", action="store_true", help="overwrite a README.md not written by hf-moe-routers"
+    )
+    card.add_argument(
+        "--model_id", default=None, help="Hub repo id for the usage snippet (default: the path)"
+    )
+    card.add_argument("--base_model", default=None, help="the checkpoint the routers were swapped into")
+    card.add_argument("--datasets", nargs="*", default=None, help="Hub dataset ids")
+    card.add_argument("--training_data", default=None, help="free text describing the training data")
+    card.add_argument("--license", default=None)
+    card.add_argument("--language", nargs="*", default=None)
+
+    inspect = parsers["inspect"]
+    inspect.add_argument("model_path", help="a saved model folder")
+    inspect.add_argument(
+        "--text_file", default=None, help="text to route (default: the bundled held-out plays)"
+    )
+    inspect.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's own)")
+    inspect.add_argument("--block_size", type=int, default=128)
+    inspect.add_argument("--max_blocks", type=int, default=16)
+    inspect.add_argument("--batch_size", type=int, default=8)
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    bench = parsers["bench"]
+    bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    bench.add_argument("--benchmarks_dir", default=None, help="default: benchmarks/ of the source checkout")
+    bench.add_argument(
+        "name", nargs="?", default="dispatch", help="runs benchmarks/bench_NAME.py (default: dispatch)"
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to the benchmark script")
+
+    export = parsers["export"]
+    export.add_argument("model_path", help="a saved routed model folder (linear or SR-MoE linear routers)")
+    export.add_argument("--output_dir", required=True, help="where to save the plain family checkpoint")
+
+    demo = parsers["patch-demo"]
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--distill-steps", type=int, default=100)
+    return parser, parsers
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "patch": run_patch,
+    "card": run_card,
+    "inspect": run_inspect,
+    "bench": run_bench,
+    "export": run_export,
+    "patch-demo": run_patch_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status (argparse and ``CommandError`` exit with 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # train and finetune own their flags (HfArgumentParser over TrainingArguments): hand them over.
+    if argv and argv[0] == "train":
+        from ..scripts.clm import main as train_main
+
+        train_main(argv[1:])
+        return 0
+    if argv and argv[0] == "finetune":
+        from ..scripts.finetune import main as finetune_main
+
+        finetune_main(argv[1:])
+        return 0
+    parser, parsers = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return HANDLERS[args.command](args)
+    except CommandError as error:
+        parsers[args.command].error(str(error))  # prints usage and the message, exits with 2
+    return 2  # pragma: no cover - error() does not return
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
