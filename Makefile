@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads sleep instead of spinning while they wait, so a
+# second busy process on the machine does not slow the job down several-fold (README, "A note on
+# CPU threads"). The package sets the same default on import; here it is explicit and overridable.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m hf_moe_routers train --output_dir outputs/main_job
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) -m hf_moe_routers train --output_dir outputs/main_job
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest

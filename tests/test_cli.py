@@ -162,7 +162,9 @@ def test_patch_without_a_tokenizer_calibrates_on_random_ids_and_loads_without_th
     ]
     assert main([*argv, "--output_dir", str(out), "--num_blocks", "2", "--block_size", "8"]) == 0
     assert "calibrating on random token ids" in capsys.readouterr().out
-    assert {p.name for p in out.iterdir()} == MODEL_FILES | REMOTE_FILES
+    # The card's sources: the routing measured on the calibration blocks, and what the run recorded.
+    card_sources = {"routing_metrics.json", "run_info.json"}
+    assert {p.name for p in out.iterdir()} == MODEL_FILES | REMOTE_FILES | card_sources
     model = realign(AutoModelForCausalLM.from_pretrained(out).eval())
     ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -455,3 +457,172 @@ def test_python_dash_m_reports_errors_with_status_2(tmp_path):
     )
     assert result.returncode == 2
     assert "hf-moe-routers patch: error:" in result.stderr and "is not a folder" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: one line and status 2 for every command
+# --------------------------------------------------------------------------------------------
+
+
+def assert_one_line_error(err: str, command: str, fragment: str) -> None:
+    """``err`` is the two short lines every command prints for bad input: the problem, the hint."""
+    # Only the last two lines: a progress bar of what ran before the check may precede them.
+    lines = err.strip().splitlines()[-2:]
+    assert len(lines) == 2, err
+    assert lines[0].startswith(f"hf-moe-routers {command}: error: "), err
+    assert fragment in lines[0], err
+    assert lines[1] == f"run `hf-moe-routers {command} --help` for the options", err
+    assert "Traceback" not in err and "usage:" not in err
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (
+            ["--num_experts", "4", "--num_experts_per_tok", "5"],
+            "num_experts_per_tok must be between 1 and num_experts (4); got 5",
+        ),
+        (["--router_type", "top2"], "router_type must be one of"),
+        (["--router_kwargs", '{"rank": 0}'], "L2RConfig.rank must be >= 1"),
+        (["--router_kwargs", "{rank: 8}"], "router_kwargs must be a JSON object"),
+        (
+            ["--router_kwargs", '{"rank": 512}'],
+            "L2RConfig.rank must be between 1 and the model's hidden size 128",
+        ),
+        (["--architecture", "llama"], "architecture must be one of"),
+        (
+            ["--tokenizer_name_or_path", "/nonexistent/tokenizer"],
+            "tokenizer_name_or_path: '/nonexistent/tokenizer'",
+        ),
+        (
+            ["--train_files", "/nonexistent/t.txt", "--validation_files", "v.txt"],
+            "--train_files: paths: '/nonexistent/t.txt' does not exist",
+        ),
+        (["--bogus_flag", "1"], "unrecognized arguments: --bogus_flag 1"),
+        (["--max_steps", "many"], "invalid int value: 'many'"),
+    ],
+    ids=[
+        "top-k",
+        "router-type",
+        "rank-0",
+        "bad-json",
+        "rank-too-big",
+        "architecture",
+        "tokenizer",
+        "files",
+        "unknown-flag",
+        "bad-int",
+    ],
+)
+def test_train_reports_bad_input_in_one_line_with_status_2(flags, fragment, tmp_path, capsys):
+    err = run_error(["train", *flags, "--output_dir", str(tmp_path / "out")], capsys)
+    assert_one_line_error(err, "train", fragment)
+    assert not (tmp_path / "out").exists()  # failed while parsing: nothing trained, nothing written
+
+
+@pytest.mark.parametrize(
+    "make_path, flags, fragment",
+    [
+        (lambda t, o: t / "missing", [], "is not a saved model folder (no config.json)"),
+        (lambda t, o: _bert_folder(t), [], "unsupported model family 'bert'"),
+        (lambda t, o: o, ["--router_type", "top2"], "router_type must be one of"),
+        (lambda t, o: o, ["--router_kwargs", '{"rank": 0}'], "L2RConfig.rank must be >= 1"),
+        (lambda t, o: o, ["--router_kwargs", "{rank: 8}"], "router_kwargs must be a JSON object"),
+        (lambda t, o: o, ["--distill_steps", "-1"], "distill_steps must be at least 0"),
+        (lambda t, o: o, ["--bogus_flag"], "unrecognized arguments: --bogus_flag"),
+    ],
+    ids=["missing", "bert", "router-type", "rank-0", "bad-json", "distill-steps", "unknown-flag"],
+)
+def test_finetune_reports_bad_input_in_one_line_with_status_2(
+    make_path, flags, fragment, olmoe_folder, tmp_path, capsys
+):
+    path = make_path(tmp_path, olmoe_folder)
+    argv = ["finetune", "--model_name_or_path", str(path), *flags, "--output_dir", str(tmp_path / "out")]
+    assert_one_line_error(run_error(argv, capsys), "finetune", fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_block_size_longer_than_the_text_names_the_flag(tmp_path, capsys):
+    (tmp_path / "train.txt").write_text("To be, or not to be.\n")
+    (tmp_path / "valid.txt").write_text("That is the question.\n")
+    flags = ["--train_files", str(tmp_path / "train.txt"), "--validation_files", str(tmp_path / "valid.txt")]
+    flags += ["--vocab_size", "300", "--block_size", "512", "--output_dir", str(tmp_path / "out")]
+    err = run_error(["train", *flags], capsys)
+    assert_one_line_error(err, "train", "--block_size 512 is longer than the training text: it gives")
+
+
+def test_argparse_errors_of_every_command_are_one_line(olmoe_folder, capsys):
+    err = run_error(["patch", str(olmoe_folder), "--router_type", "l2r"], capsys)
+    assert_one_line_error(err, "patch", "the following arguments are required: --output_dir")
+    assert_one_line_error(run_error(["card"], capsys), "card", "required: model_path")
+    assert_one_line_error(
+        run_error(["inspect", "x", "--block_size", "big"], capsys), "inspect", "--block_size"
+    )
+    err = run_error(
+        ["patch", str(olmoe_folder / "nope"), "--router_type", "l2r", "--output_dir", "o"], capsys
+    )
+    assert_one_line_error(err, "patch", "is not a folder")
+    err = run_error(["nope"], capsys)
+    assert err.strip().splitlines()[-1] == "run `hf-moe-routers --help` for the options"
+
+
+def test_inspect_short_text_names_block_size_and_the_numbers(text_model, tmp_path, capsys):
+    (tmp_path / "short.txt").write_text("To be, or not to be.")
+    argv = ["inspect", str(text_model["model"]), "--text_file", str(tmp_path / "short.txt")]
+    err = run_error([*argv, "--block_size", "128"], capsys)
+    assert_one_line_error(err, "inspect", "--block_size 128 is longer than --text_file")
+    assert "fewer than one block of 128; lower --block_size to at most" in err
+    assert "train_texts" not in err
+
+
+def test_patch_demo_spells_distill_steps_like_patch():
+    from hf_moe_routers.cli import build_parser
+
+    _, parsers = build_parser()
+    assert parsers["patch-demo"].parse_args(["--distill_steps", "3"]).distill_steps == 3
+    assert parsers["patch-demo"].parse_args(["--distill-steps", "4"]).distill_steps == 4  # the old alias
+    assert parsers["patch-demo"].parse_args([]).distill_steps == 100
+    assert "--distill-steps" not in parsers["patch-demo"].format_help()
+
+
+def test_patch_help_lists_every_family(capsys):
+    with pytest.raises(SystemExit):
+        main(["patch", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for family in (
+        "Mixtral",
+        "Qwen2-MoE",
+        "Qwen3-MoE",
+        "OLMoE",
+        "DeepSeek-V3",
+        "gpt-oss",
+        "Switch Transformers",
+    ):
+        assert family in out
+
+
+@pytest.mark.parametrize("command", ["train", "finetune"])
+def test_training_help_lists_our_options_before_the_inherited_ones(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: hf-moe-routers {command} [OPTIONS]\n")
+    ours = out.index("model and router:" if command == "train" else "checkpoint and router:")
+    data, routing = out.index("\ndata:"), out.index("routing losses and logs")
+    inherited = out.index("training (inherited from transformers.TrainingArguments):")
+    assert ours < data < routing < inherited
+    assert ours < out.index("--router_kwargs") < data and inherited < out.index("--learning_rate")
+
+
+def test_training_bad_input_has_no_traceback_in_a_real_process(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_moe_routers", "train", "--architecture", "llama"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(tmp_path),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "train", "architecture must be one of")

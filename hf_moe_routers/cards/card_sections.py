@@ -25,11 +25,15 @@ __all__ = [
     "as_dict",
     "as_float",
     "as_list",
+    "dataset_summary",
     "eval_summary",
+    "format_parameter_count",
     "format_value",
     "hyperparameters",
     "last_eval_metrics",
     "looks_like_repo_id",
+    "parameter_count",
+    "recorded_training_args",
     "routing_metrics_table",
     "training_results",
 ]
@@ -280,7 +284,37 @@ def eval_summary(metrics: Mapping[str, Any] | None) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------------------------
 
 
-def hyperparameters(training_args: Any, trainer_state: Mapping[str, Any]) -> list[tuple[str, str]]:
+def recorded_training_args(training_args: Any) -> dict[str, Any]:
+    """What a card needs of ``TrainingArguments``, as a JSON-safe dict for ``run_info.json``.
+
+    Only the hyper-parameter fields, the ``router_*`` ones and ``world_size`` (a property, not a
+    field, so ``to_dict()`` drops it and the total batch size would come out wrong later): the full
+    dict holds paths and hub settings that have no place in a published card.
+    """
+    args = as_dict(training_args)
+    kept = {
+        name: value
+        for name, value in args.items()
+        if (name in HYPERPARAMETER_FIELDS or name.startswith("router_"))
+        and (value is None or isinstance(value, (bool, int, float, str)))
+    }
+    world_size = args.get("world_size", getattr(training_args, "world_size", None))
+    if world_size is not None:
+        kept["world_size"] = int(world_size)
+    return kept
+
+
+def hyperparameters(
+    training_args: Any, trainer_state: Mapping[str, Any], run_parameters: Mapping[str, Any] | None = None
+) -> list[tuple[str, str]]:
+    """The hyper-parameter rows of a card.
+
+    Args:
+        training_args: ``TrainingArguments`` or a dict of them (``recorded_training_args``).
+        trainer_state: ``TrainerState``'s dict: ``global_step`` becomes ``trained_steps``.
+        run_parameters: other settings of the run that wrote the folder (``hf-moe-routers patch``'s
+            calibration and distillation), shown as they are, after the training arguments.
+    """
     args = as_dict(training_args)
     rows: list[tuple[str, str]] = []
     for name in HYPERPARAMETER_FIELDS:
@@ -293,7 +327,7 @@ def hyperparameters(training_args: Any, trainer_state: Mapping[str, Any]) -> lis
             continue  # max_steps overrides the epochs
         rows.append((name, format_value(value) if not isinstance(value, str) else value))
     if args:
-        world_size = getattr(training_args, "world_size", 1) if not isinstance(training_args, Mapping) else 1
+        world_size = args.get("world_size") or getattr(training_args, "world_size", 1)
         per_device = args.get("per_device_train_batch_size")
         accumulation = args.get("gradient_accumulation_steps") or 1
         if per_device:
@@ -308,7 +342,47 @@ def hyperparameters(training_args: Any, trainer_state: Mapping[str, Any]) -> lis
     ]
     if trainer_state.get("global_step"):
         rows.append(("trained_steps", str(trainer_state["global_step"])))
+    rows += [
+        (name, value if isinstance(value, str) else format_value(value))
+        for name, value in (run_parameters or {}).items()
+        if value is not None
+    ]
     return rows
+
+
+def parameter_count(model: Any) -> int | None:
+    """The model's parameter count, each shared (tied) tensor once, as ``model.parameters()`` yields
+    them; None for a config."""
+    if model is None or not hasattr(model, "parameters"):
+        return None
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def format_parameter_count(count: int) -> str:
+    """``44,196`` or ``12,345,678 (12.35M)``: the exact count, readable, with millions when large."""
+    return f"{count:,}" + (f" ({count / 1e6:.2f}M)" if count >= 1e5 else "")
+
+
+def _blocks(dataset: Any) -> str | None:
+    """``64 blocks of 32 tokens (2,048 tokens)`` for a block dataset, ``64 examples`` otherwise."""
+    try:
+        count = len(dataset)
+    except TypeError:  # an IterableDataset: no length to report
+        return None
+    block_size = getattr(dataset, "block_size", None)
+    if isinstance(block_size, int):
+        return f"{count:,} blocks of {block_size} tokens ({count * block_size:,} tokens)"
+    return f"{count:,} examples"
+
+
+def dataset_summary(train_dataset: Any, eval_dataset: Any) -> str | None:
+    """How much data a Trainer run had: training and validation blocks (or examples) and tokens."""
+    parts = []
+    if train_dataset is not None and (train := _blocks(train_dataset)):
+        parts.append(f"training: {train}")
+    if eval_dataset is not None and (held_out := _blocks(eval_dataset)):
+        parts.append(f"validation: {held_out}")
+    return "; ".join(parts) + "." if parts else None
 
 
 def training_results(trainer_state: Mapping[str, Any]) -> list[dict[str, str]]:

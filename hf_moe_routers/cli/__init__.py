@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from .commands import (
     INSPECT_METRICS,
@@ -31,7 +32,15 @@ from .commands import (
 )
 from .loading import CommandError
 
-__all__ = ["COMMANDS", "INSPECT_METRICS", "CommandError", "build_parser", "main"]
+__all__ = [
+    "COMMANDS",
+    "INSPECT_METRICS",
+    "CommandError",
+    "CommandParser",
+    "build_parser",
+    "main",
+    "usage_error",
+]
 
 COMMANDS = {
     "patch": "load a local MoE checkpoint, swap its routers, optionally distil, save",
@@ -45,9 +54,31 @@ COMMANDS = {
 }
 
 
+#: Commands whose flags belong to a training script (HfArgumentParser over TrainingArguments).
+TRAINING_COMMANDS = ("train", "finetune")
+
+
+def usage_error(prog: str, message: str) -> NoReturn:
+    """Report bad input the way every command does: one line naming the problem, one line saying
+    where the options are (not argparse's whole usage block, which buries the message), status 2."""
+    message = " ".join(str(message).split())  # one line, whatever the source wrote
+    sys.stderr.write(f"{prog}: error: {message}\nrun `{prog} --help` for the options\n")
+    sys.exit(2)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are :func:`usage_error`'s two short lines.
+
+    Sub-parsers are created with the parent's class, so every command reports the same way.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        usage_error(self.prog, message)
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and each command's parser (used to report errors under its name)."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="hf-moe-routers",
         description="Better routers for Hugging Face MoE models: patch, train, inspect, publish.",
     )
@@ -119,7 +150,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     demo = parsers["patch-demo"]
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--distill-steps", type=int, default=100)
+    demo.add_argument("--distill_steps", type=int, default=100, help="router distillation steps")
+    # The old spelling still works; hidden, so that the help shows patch's spelling only.
+    demo.add_argument("--distill-steps", dest="distill_steps", type=int, help=argparse.SUPPRESS)
     return parser, parsers
 
 
@@ -137,16 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit status (argparse and ``CommandError`` exit with 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # train and finetune own their flags (HfArgumentParser over TrainingArguments): hand them over.
-    if argv and argv[0] == "train":
-        from ..scripts.clm import main as train_main
-
-        train_main(argv[1:])
-        return 0
-    if argv and argv[0] == "finetune":
-        from ..scripts.finetune import main as finetune_main
-
-        finetune_main(argv[1:])
-        return 0
+    if argv and argv[0] in TRAINING_COMMANDS:
+        return run_training(argv[0], argv[1:])
     parser, parsers = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -154,6 +179,29 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as error:
         parsers[args.command].error(str(error))  # prints usage and the message, exits with 2
     return 2  # pragma: no cover - error() does not return
+
+
+def run_training(command: str, argv: list[str]) -> int:
+    """Run ``train`` (``scripts.clm``) or ``finetune`` (``scripts.finetune``) on ``argv``.
+
+    The scripts raise ``UsageError`` for bad input (flags, paths, data that does not fit them),
+    reported here as every command reports bad input; any other exception is an internal error
+    and keeps its traceback.
+    """
+    # Imported here, not at the top: the training stack is what `--help` of the other commands
+    # must not wait for.
+    if command == "train":
+        from ..scripts.clm import main as script_main
+    else:
+        from ..scripts.finetune import main as script_main
+    from ..scripts.common import UsageError
+
+    prog = f"hf-moe-routers {command}"
+    try:
+        script_main(argv, prog=prog)
+    except UsageError as error:
+        usage_error(prog, str(error))
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

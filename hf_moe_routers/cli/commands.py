@@ -72,8 +72,51 @@ def run_patch(args: argparse.Namespace) -> int:
         distilled = distill_router(model, batches, steps=args.distill_steps, lr=args.distill_lr)
         print(f"after {args.distill_steps} distillation steps: {distilled}")
         model.router_patch_report = distilled  # the card reports the routing that is saved
+    # The card's data, settings and metric table: what this run calibrated (and distilled) on, and
+    # the saved routers measured on those same blocks (routing_metrics.json, as a training run has).
+    tokens = blocks.shape[0] * blocks.shape[1]
+    source = f"`{args.text_file}`" if args.text_file else "the bundled held-out plays"
+    if tokenizer is None:
+        source = "random token ids (the folder has no tokenizer)"
+    distilled_text = f", then distilled to the original gates for {args.distill_steps} steps"
+    calibration = (
+        f"Not trained: the routers were patched in and calibrated on {blocks.shape[0]} blocks of "
+        f"{blocks.shape[1]} tokens ({tokens:,} tokens) of {source}"
+        f"{distilled_text if args.distill_steps > 0 else ''}."
+    )
+    layers, per_layer, measured = inspect_metrics(model, batches)
+    metrics: dict[str, float] = {}
+    if layers:
+        from ..reporting import mean_over_layers
+
+        for name in INSPECT_METRICS:  # inspect's means, in the Trainer's eval_router/ keys
+            metrics[f"eval_router/{name}"] = mean_over_layers([per_layer[layer][name] for layer in layers])
+            metrics.update({f"eval_router/{name}/{layer}": per_layer[layer][name] for layer in layers})
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        Path(args.output_dir, "routing_metrics.json").write_text(
+            json.dumps(_json_values(metrics), indent=2, sort_keys=True)
+        )
     save_routed_pretrained(
-        model, args.output_dir, tokenizer=tokenizer, base_model=args.base_model or str(args.model_path)
+        model,
+        args.output_dir,
+        tokenizer=tokenizer,
+        base_model=args.base_model or str(args.model_path),
+        training_data=calibration,
+        run_parameters={
+            "calibration_blocks": int(blocks.shape[0]),
+            "block_size": int(blocks.shape[1]),
+            "batch_size": args.batch_size,
+            "distill_steps": args.distill_steps,
+            "distill_lr": args.distill_lr if args.distill_steps > 0 else None,
+            "seed": args.seed,
+        },
+        metrics=metrics if layers else None,
+        metrics_source=(
+            f"On the {measured:,} calibration tokens per router, after patching"
+            + (" and distillation" if args.distill_steps > 0 else "")
+            + " (mean over layers, then per layer):"
+        ),
+        record_run=True,
     )
     print(
         f"saved the routed model to {args.output_dir}: it loads with `import hf_moe_routers`, or with "

@@ -80,6 +80,14 @@ def text_blocks(
             texts, None, tokenizer, block_size, max_train_blocks=max_blocks
         )
     except (OSError, ValueError) as error:
+        if str(error).startswith("block_size"):  # data_utils names the argument that does not fit
+            from ..scripts.common import short_text_message
+
+            which = f"--text_file {text_file!r}" if text_file else "the bundled held-out plays"
+            message = short_text_message(texts, which, tokenizer, block_size)
+            if message is not None:
+                raise CommandError(message) from None
+            raise CommandError(f"--{error}") from None
         raise CommandError(f"--text_file: {error}") from None
     return blocks.blocks
 

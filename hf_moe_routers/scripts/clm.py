@@ -15,16 +15,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, set_seed
 
 from .. import data_utils
 from ..modeling import FAMILIES
-from ..routers import RouterConfig
+from ..routers import RouterConfig, build_scorer
 from ..trainers.arguments import MoERouterTrainingArguments
 from .common import (
     ROUTER_TYPES,
+    TOKENIZER_FILES,
     DataArguments,
     lm_datasets,
     load_corpus,
@@ -33,6 +35,7 @@ from .common import (
     train_and_evaluate,
 )
 from .launch import ends_distributed
+from .threads import configure_torch_threads
 
 ARCHITECTURES = ("olmoe", "mixtral", "qwen3_moe", "qwen2_moe")
 
@@ -40,6 +43,8 @@ ARCHITECTURES = ("olmoe", "mixtral", "qwen3_moe", "qwen2_moe")
 @dataclasses.dataclass
 class ModelArguments:
     """The model to build (from scratch) and its router."""
+
+    _argument_group_name = "model and router"  # a help group of its own (HfArgumentParser), not a field
 
     architecture: str = dataclasses.field(default="olmoe", metadata={"help": f"One of {ARCHITECTURES}."})
     router_type: str = dataclasses.field(default="l2r", metadata={"help": f"One of {ROUTER_TYPES}."})
@@ -60,6 +65,38 @@ class ModelArguments:
         default=None, metadata={"help": "A local tokenizer folder; default: train a byte-level BPE."}
     )
 
+    def __post_init__(self) -> None:
+        # Every flag of the model is checked while parsing, before the tokenizer is trained and the
+        # model built (minutes on a CPU): a bad value fails in a second, naming its flag.
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"architecture must be one of {', '.join(map(repr, ARCHITECTURES))}; got {self.architecture!r}."
+            )
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_experts", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}.")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok must be between 1 and num_experts ({self.num_experts}); "
+                f"got {self.num_experts_per_tok}."
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"({self.num_attention_heads})."
+            )
+        if self.tokenizer_name_or_path and not any(
+            Path(self.tokenizer_name_or_path, name).is_file() for name in TOKENIZER_FILES
+        ):
+            raise ValueError(
+                f"tokenizer_name_or_path: {self.tokenizer_name_or_path!r} is not a tokenizer folder "
+                f"(none of {', '.join(TOKENIZER_FILES)})."
+            )
+        # The router's own checks, the ones that need the model's sizes included (rank <= hidden
+        # size): a scorer on the meta device costs no memory.
+        with torch.device("meta"):
+            build_scorer(self.router_config(), self.hidden_size, self.num_experts)
+
     def router_config(self) -> RouterConfig:
         defaults = {}  # tiny-model sizes unless the flags say otherwise
         if self.router_type == "l2r":
@@ -69,11 +106,22 @@ class ModelArguments:
         return RouterConfig.from_json_kwargs(self.router_type, self.router_kwargs, defaults)
 
 
+#: The first line of ``--help``.
+DESCRIPTION = (
+    "Train a routed MoE causal LM from scratch (default: a 4-layer, 8-expert OLMoE-shaped model on "
+    "the bundled Shakespeare subset). The model, data and router options come first, then the "
+    "routing-loss options and the inherited transformers TrainingArguments."
+)
+
+
 def parse_args(
-    argv: list[str] | None = None,
+    argv: list[str] | None = None, prog: str | None = None
 ) -> tuple[ModelArguments, DataArguments, MoERouterTrainingArguments]:
-    """Parse command-line flags; unset training flags take ``default_training_arguments``."""
-    return parse_flags((ModelArguments, DataArguments), argv, "outputs/train_clm")  # type: ignore[return-value]
+    """Parse command-line flags; unset training flags take ``default_training_arguments``.
+    Bad flags raise ``UsageError`` (``scripts.common``)."""
+    return parse_flags(  # type: ignore[return-value]
+        (ModelArguments, DataArguments), argv, "outputs/train_clm", prog=prog, description=DESCRIPTION
+    )
 
 
 def build_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
@@ -120,10 +168,13 @@ def build_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase) 
 
 
 @ends_distributed
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict[str, float]:
     """Build, train, evaluate and save a routed model from the command-line flags; returns the
-    final evaluation metrics (with ``eval_perplexity`` and ``train_wall_seconds``)."""
-    model_args, data_args, training_args = parse_args(argv)
+    final evaluation metrics (with ``eval_perplexity`` and ``train_wall_seconds``). ``prog`` names
+    the command in ``--help`` (``hf-moe-routers train``); bad input raises ``UsageError``."""
+    model_args, data_args, training_args = parse_args(argv, prog)
+    # Before any tensor work: torch's default counts the machine's CPUs, not this process's.
+    configure_torch_threads()
     set_seed(training_args.seed)
     start = time.perf_counter()
     train_texts, eval_texts = load_corpus(data_args)
@@ -140,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     trainer, metrics = train_and_evaluate(model, training_args, train_dataset, eval_dataset, tokenizer)
     metrics["train_wall_seconds"] = time.perf_counter() - start
-    if save_run(trainer, tokenizer, metrics, model_args.router_type):
+    if save_run(trainer, tokenizer, metrics, model_args.router_type, data_args):
         print(
             f"saved model, tokenizer, plots and metrics to {os.path.abspath(training_args.output_dir)} "
             f"({metrics['train_wall_seconds']:.0f} s)"

@@ -24,6 +24,8 @@ from .common import (
     CHECKPOINT_RUN_DEFAULTS,
     DataArguments,
     PatchArguments,
+    UsageError,
+    check_checkpoint,
     checkpoint_and_data,
     is_routed,
     parse_flags,
@@ -31,9 +33,16 @@ from .common import (
     train_and_evaluate,
 )
 from .launch import ends_distributed
+from .threads import configure_torch_threads
 
 #: Unset training flags: a checkpoint run's, with a learning rate gentle on the pretrained weights.
 TRAINING_DEFAULTS = dict(CHECKPOINT_RUN_DEFAULTS, output_dir="outputs/finetune_patched", learning_rate=5e-4)
+#: The first line of ``--help``.
+DESCRIPTION = (
+    "Patch a saved MoE checkpoint with a new router (unless it is routed already), optionally distil "
+    "it to the old gates, fine-tune and save. The checkpoint, router and data options come first, "
+    "then the routing-loss options and the inherited transformers TrainingArguments."
+)
 
 
 def calibration_batches(blocks: torch.Tensor, batch_size: int, num_batches: int) -> list[dict[str, Any]]:
@@ -43,17 +52,22 @@ def calibration_batches(blocks: torch.Tensor, batch_size: int, num_batches: int)
 
 
 @ends_distributed
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict[str, Any]:
     """Patch (unless already routed), distil, fine-tune, evaluate and save; returns the final
-    evaluation metrics."""
+    evaluation metrics. ``prog`` names the command in ``--help`` (``hf-moe-routers finetune``); bad
+    input raises ``UsageError``."""
     patch_args, data_args, training_args = parse_flags(
-        (PatchArguments, DataArguments), argv, **TRAINING_DEFAULTS
+        (PatchArguments, DataArguments), argv, prog=prog, description=DESCRIPTION, **TRAINING_DEFAULTS
     )
+    # The checkpoint's path and family, before the corpus and the model load.
+    check_checkpoint(patch_args.model_name_or_path)
+    # Before any tensor work: torch's default counts the machine's CPUs, not this process's.
+    configure_torch_threads()
     set_seed(training_args.seed)
     model, tokenizer, train_dataset, eval_dataset = checkpoint_and_data(patch_args, data_args)
     if len(tokenizer) > model.config.vocab_size:
-        raise ValueError(
-            f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {model.config.vocab_size}."
+        raise UsageError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {model.config.vocab_size}."
         )
     if not is_routed(model):
         calibration = calibration_batches(
@@ -70,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 distill_router(model, calibration, steps=patch_args.distill_steps, lr=patch_args.distill_lr),
             )
     trainer, metrics = train_and_evaluate(model, training_args, train_dataset, eval_dataset, tokenizer)
-    if save_run(trainer, tokenizer, metrics, patch_args.router_type):
+    if save_run(trainer, tokenizer, metrics, patch_args.router_type, data_args):
         print(f"saved to {os.path.abspath(training_args.output_dir)}")
     return metrics
 

@@ -5,15 +5,49 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from tqdm.auto import tqdm
 from transformers import ProgressCallback, Trainer
+from transformers.trainer_utils import has_length
 
 from ..records import RoutingHistory
 
 __all__ = ["ConciseProgressCallback", "add_plot_callback", "use_concise_progress"]
 
 
+#: tqdm's default layout, spelled out because the ETA (``{remaining}``) is what the bar is for:
+#: ``train:  40%|████      | 12/30 [00:05<00:07,  2.31it/s]``.
+BAR_FORMAT = (
+    "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+)
+
+
 class ConciseProgressCallback(ProgressCallback):
-    """A progress bar that prints the mean router metrics only (``router/<metric>``, not per layer)."""
+    """transformers' progress bar with a named training bar that shows elapsed and remaining time,
+    an evaluation bar that leaves no line behind, and logs with the mean router metrics only
+    (``router/<metric>``, not per layer)."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self.training_bar = tqdm(
+                total=state.max_steps, desc="train", bar_format=BAR_FORMAT, dynamic_ncols=True
+            )
+        self.current_step = 0
+
+    def on_prediction_step(
+        self, args: Any, state: Any, control: Any, eval_dataloader: Any = None, **kwargs: Any
+    ) -> None:
+        # transformers keeps the bar of an evaluation outside training (the final one) on screen;
+        # its result is printed anyway, so every evaluation bar is erased when done (leave=False).
+        if state.is_world_process_zero and has_length(eval_dataloader):
+            if self.prediction_bar is None:
+                self.prediction_bar = tqdm(
+                    total=len(eval_dataloader),
+                    desc="eval",
+                    bar_format=BAR_FORMAT,
+                    leave=False,
+                    dynamic_ncols=True,
+                )
+            self.prediction_bar.update(1)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if logs is not None:

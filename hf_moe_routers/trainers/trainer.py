@@ -28,6 +28,7 @@ statistics are taken on the gathered, whole router parameters (``gathered_router
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -128,6 +129,27 @@ class MoERouterTrainer(Trainer):
         from ..cards import write_trainer_model_card
 
         write_trainer_model_card(self, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model``, then the folder's card rendered from this run.
+
+        The model's ``save_pretrained`` writes a card only from the model (it knows no data,
+        arguments or evaluation), so the card is rendered again here from the trainer's arguments,
+        state, datasets and routing history; a hand-written README.md is kept. A final save
+        (not a checkpoint's) takes the plots drawn in ``args.output_dir`` along when it saves
+        elsewhere, so that the card's links work.
+        """
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if not self.args.should_save:
+            return
+        from ..cards import PLOT_FILES, write_trainer_model_card
+
+        folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        plots = []
+        if not _internal_call:
+            drawn = [Path(self.args.output_dir, name) for _, name in PLOT_FILES]
+            plots = [path for path in drawn if path.is_file()]
+        write_trainer_model_card(self, output_dir=folder, overwrite=False, plots=plots)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """Checkpoints keep the in-memory (fused) tensor layout (see ``fused_layout_saves``)."""
