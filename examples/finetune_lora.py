@@ -10,7 +10,8 @@ Reload the adapter on a freshly loaded (or freshly patched) base:
     model = PeftModel.from_pretrained(base, "outputs/lora")
 """
 
+from hf_moe_routers.scripts.common import run_script
 from hf_moe_routers.scripts.lora import main
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "examples/finetune_lora.py")

@@ -8,7 +8,8 @@
     python examples/finetune_patched.py ... --resume_from_checkpoint outputs/mixtral-l2r/checkpoint-50
 """
 
+from hf_moe_routers.scripts.common import run_script
 from hf_moe_routers.scripts.finetune import main
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "examples/finetune_patched.py")

@@ -10,6 +10,7 @@ pooled`, `--report_to tensorboard`, ...); `python examples/train_clm.py --help` 
 """
 
 from hf_moe_routers.scripts.clm import main
+from hf_moe_routers.scripts.common import run_script
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "examples/train_clm.py")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -202,3 +203,26 @@ def test_finetune_lora_saves_an_adapter_and_a_merged_model(tmp_path):
     ids = torch.randint(0, 300, (1, 10))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("script", ["train_clm.py", "finetune_patched.py", "finetune_lora.py"])
+def test_example_scripts_report_bad_flags_in_one_line(script):
+    """``examples/*.py`` answer an unknown flag as the CLI does: one line, exit 2, no traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / script
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(path), "--no_such_flag", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"examples/{script}: error: "), done.stderr
+    assert "--no_such_flag" in lines[0] or "required" in lines[0], lines[0]  # finetune: its path first

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -50,6 +51,7 @@ __all__ = [
     "FlagParser",
     "PatchArguments",
     "UsageError",
+    "run_script",
     "check_checkpoint",
     "checkpoint_and_data",
     "checkpoint_tokenizer",
@@ -86,6 +88,16 @@ class UsageError(ValueError):
     traceback; every other exception is an internal error and keeps its traceback. A ``ValueError``,
     so library callers that catch ``ValueError`` keep working.
     """
+
+
+def run_script(main: Callable[[], Any], prog: str) -> None:
+    """Run a script's ``main`` from the command line (``examples/*.py``): bad input is one line on
+    stderr and exit status 2, as under ``hf-moe-routers``; any other error keeps its traceback."""
+    try:
+        main()
+    except UsageError as error:
+        print(f"{prog}: error: {error}\n{prog}: run `{prog} --help` for the options", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def one_line(message: str) -> str:

@@ -30,6 +30,7 @@ from .common import (
 )
 from .launch import ends_distributed
 from .report import write_run_report
+from .threads import configure_torch_threads
 
 #: Unset training flags: a checkpoint run's; LoRA's few new weights take a higher rate than a full fine-tune.
 TRAINING_DEFAULTS = dict(CHECKPOINT_RUN_DEFAULTS, output_dir="outputs/finetune_lora", learning_rate=1e-3)
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     patch_args, lora_args, data_args, training_args = parse_flags(
         (PatchArguments, LoraArguments, DataArguments), argv, **TRAINING_DEFAULTS
     )
+    configure_torch_threads()
     set_seed(training_args.seed)
     model, tokenizer, train_dataset, eval_dataset = checkpoint_and_data(patch_args, data_args)
     if not is_routed(model):
