@@ -566,9 +566,14 @@ def test_argparse_errors_of_every_command_are_one_line(olmoe_folder, capsys):
     assert err.strip().splitlines()[-1] == "run `hf-moe-routers --help` for the options"
 
 
-def test_inspect_short_text_names_block_size_and_the_numbers(text_model, tmp_path, capsys):
+def test_inspect_short_text_names_block_size_and_the_numbers(text_model, tmp_path, capsys, monkeypatch):
     (tmp_path / "short.txt").write_text("To be, or not to be.")
     argv = ["inspect", str(text_model["model"]), "--text_file", str(tmp_path / "short.txt")]
+
+    def no_weights(folder):  # the text is checked before the weights are loaded
+        raise AssertionError("inspect loaded the model before checking the text")
+
+    monkeypatch.setattr("hf_moe_routers.cli.commands.load_model", no_weights)
     err = run_error([*argv, "--block_size", "128"], capsys)
     assert_one_line_error(err, "inspect", "--block_size 128 is longer than --text_file")
     assert "fewer than one block of 128; lower --block_size to at most" in err

@@ -145,6 +145,10 @@ def test_finetune_patched_patches_distils_trains_and_saves(tmp_path):
         ]
     )
     assert "eval_router/flip_rate" in metrics
+    card = (output / "README.md").read_text()
+    # The patch and distillation flags are on the card with the training hyper-parameters.
+    for row in ("| `distill_steps` | 5 |", "| `router_type` | l2r |", "| `distill_lr` | 0.01 |"):
+        assert row in card, row
     loaded = AutoModelForCausalLM.from_pretrained(output).eval()
     assert loaded.config.model_type == "routed_olmoe" and loaded.config.router_config.rank == 8
     ids = torch.randint(0, 300, (1, 12))

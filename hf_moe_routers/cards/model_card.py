@@ -394,6 +394,7 @@ def write_trainer_model_card(
     metrics: Mapping[str, Any] | None = None,
     overwrite: bool = True,
     plots: Iterable[str | os.PathLike[str]] = (),
+    run_parameters: Mapping[str, Any] | None = None,
 ) -> Path | None:
     """``Trainer.create_model_card``'s job for ``MoERouterTrainer``: same arguments, our card.
 
@@ -410,6 +411,8 @@ def write_trainer_model_card(
             passes False.
         plots: image files to copy into the folder and show (the Trainer draws its plots in
             ``args.output_dir``; a ``save_model`` elsewhere takes them along).
+        run_parameters: settings of the job that are not ``TrainingArguments`` (``finetune``'s
+            patch and distillation flags), shown with the hyper-parameters.
     """
     del tasks, dataset_args
     if hasattr(trainer, "is_world_process_zero") and not trainer.is_world_process_zero():
@@ -438,6 +441,7 @@ def write_trainer_model_card(
         license=license,
         language=language,
         tags=tags,
+        run_parameters=run_parameters,
         training_args=trainer.args,
         trainer_state=state,
         metrics=metrics if metrics is not None else last_eval_metrics(state),

@@ -237,11 +237,14 @@ def run_inspect(args: argparse.Namespace) -> int:
     from ..modeling import FAMILIES
 
     folder = model_folder(args.model_path)
-    model = load_model(folder)
+    # The text is checked (tokenizer, length against --block_size) before the weights are loaded:
+    # a bad text is answered at once, without a loading bar in front of the error.
+    vocab_size = load_config(folder).vocab_size  # also refuses an unsupported family
     tokenizer = folder_tokenizer(folder, args.tokenizer)
     if tokenizer is None:
         raise CommandError(f"{str(folder)!r} has no tokenizer files; pass --tokenizer PATH.")
-    blocks = text_blocks(args.text_file, tokenizer, args.block_size, args.max_blocks, model.config.vocab_size)
+    blocks = text_blocks(args.text_file, tokenizer, args.block_size, args.max_blocks, vocab_size)
+    model = load_model(folder)
     layers, per_layer, tokens = inspect_metrics(model, token_batches(model, blocks, args.batch_size))
     config = model.config
     model_type = model_type_of(config)

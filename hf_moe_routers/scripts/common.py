@@ -472,6 +472,7 @@ def save_run(
     metrics: dict[str, float],
     router_type: str,
     data_args: DataArguments | None = None,
+    run_parameters: dict[str, Any] | None = None,
 ) -> bool:
     """Save model and tokenizer to ``output_dir``; on the main process also write
     ``routing_metrics.json``, ``routing_history.json`` and ``trainer_state.json``, print the summary
@@ -493,5 +494,6 @@ def save_run(
             training_data=run_training_data(trainer, tokenizer, data_args),
             metrics=metrics,
             overwrite=False,
+            run_parameters=run_parameters,
         )
     return main

@@ -84,7 +84,13 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict[str,
                 distill_router(model, calibration, steps=patch_args.distill_steps, lr=patch_args.distill_lr),
             )
     trainer, metrics = train_and_evaluate(model, training_args, train_dataset, eval_dataset, tokenizer)
-    if save_run(trainer, tokenizer, metrics, patch_args.router_type, data_args):
+    # The patch and distillation flags are not TrainingArguments: the card lists them with those.
+    run_parameters = {
+        name: getattr(patch_args, name)
+        for name in ("router_type", "router_kwargs", "distill_steps", "distill_lr", "distill_batches")
+        if hasattr(patch_args, name)
+    }
+    if save_run(trainer, tokenizer, metrics, patch_args.router_type, data_args, run_parameters):
         print(f"saved to {os.path.abspath(training_args.output_dir)}")
     return metrics
 
