@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from transformers.core_model_loading import ConversionOps
 
+from .numerics import ROUTING_SCORINGS, routing_probabilities
 from .routers import SCORERS
 
 __all__ = [
@@ -59,33 +60,7 @@ SelectionRule = Literal["topk", "group_limited_topk", "top1_capacity"]
 RouterInput = Literal["tokens", "sequences"]
 
 
-def _softmax_probabilities(logits_TE: torch.Tensor, indices_TK: torch.Tensor | None) -> torch.Tensor:
-    """``softmax(logits)`` over every expert (Mixtral, Qwen-MoE, OLMoE, Switch)."""
-    return torch.softmax(logits_TE, dim=-1)
-
-
-def _sigmoid_probabilities(logits_TE: torch.Tensor, indices_TK: torch.Tensor | None) -> torch.Tensor:
-    """``sigmoid(logits)`` normalised to sum 1 per token (DeepSeek-V3's sequence-wise balance loss)."""
-    scores_TE = torch.sigmoid(logits_TE)
-    # clamp: a token whose every score underflows gives zeros, not 0/0.
-    return scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-
-
-def _topk_softmax_probabilities(logits_TE: torch.Tensor, indices_TK: torch.Tensor | None) -> torch.Tensor:
-    """Softmax over the K selected logits, zero elsewhere (gpt-oss's router weights, scattered)."""
-    if indices_TK is None:
-        raise ValueError("The 'topk_softmax' balance probabilities need indices_TK (the selected experts).")
-    idx_TK = indices_TK.reshape(logits_TE.shape[0], -1).to(device=logits_TE.device, dtype=torch.int64)
-    top_TK = torch.softmax(logits_TE.gather(-1, idx_TK), dim=-1)
-    return torch.zeros_like(logits_TE).scatter(-1, idx_TK, top_TK)
-
-
-_BALANCE_RULES: dict[str, Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]] = {
-    "softmax": _softmax_probabilities,
-    "sigmoid": _sigmoid_probabilities,
-    "topk_softmax": _topk_softmax_probabilities,
-}
-BALANCE_SCORINGS: tuple[str, ...] = tuple(_BALANCE_RULES)
+BALANCE_SCORINGS: tuple[str, ...] = ROUTING_SCORINGS
 SELECTION_RULES: tuple[str, ...] = ("topk", "group_limited_topk", "top1_capacity")
 _ROUTER_INPUTS: tuple[str, ...] = ("tokens", "sequences")
 
@@ -176,7 +151,7 @@ class FamilyAdapter:
 
     def __post_init__(self) -> None:
         # A wrong registration would silently mis-read router outputs: refuse it at import time.
-        if self.balance_scoring not in _BALANCE_RULES:
+        if self.balance_scoring not in BALANCE_SCORINGS:
             raise ValueError(
                 f"{self.name}: balance_scoring must be one of {BALANCE_SCORINGS}; got {self.balance_scoring!r}."
             )
@@ -234,15 +209,10 @@ class FamilyAdapter:
         """The family's routing probabilities ``[T, E]`` float32 for the balance loss.
 
         ``logits_TE`` may be ``[..., E]``; ``indices_TK`` (the selected experts) is needed by
-        ``topk_softmax``. Float32 with autocast off, as ``metrics.routing_probs`` computes them.
+        ``topk_softmax``. Float32 with autocast off (``numerics.routing_probabilities``, which the metrics use too).
         """
-        flat_TE = logits_TE.reshape(-1, logits_TE.shape[-1]).float()
-        rule = _BALANCE_RULES[self.balance_scoring]
-        # Autocast would run the softmax in bf16 on some devices; only these device types have one.
-        if flat_TE.device.type not in ("cuda", "cpu", "xpu", "mps", "hpu"):
-            return rule(flat_TE, indices_TK)
-        with torch.autocast(device_type=flat_TE.device.type, enabled=False):
-            return rule(flat_TE, indices_TK)
+        flat_TE = logits_TE.reshape(-1, logits_TE.shape[-1])
+        return routing_probabilities(flat_TE, self.balance_scoring, indices_TK)
 
     def conversion_mapping(self, *, zero_dim_one_element: bool = False) -> list[Any]:
         """transformers' checkpoint conversion rules for this family's routed classes.

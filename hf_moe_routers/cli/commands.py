@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# Pure Python, no training stack: the commands import the heavy parts lazily, when they run.
-from ..scripts.report import LOAD_AND_TOKEN_METRICS
+# The commands import the heavy parts (Trainer, datasets, hub client) lazily, when they run.
+from ..metrics.catalog import HEADLINE_METRICS
 from .loading import (
     CommandError,
     folder_tokenizer,
@@ -26,7 +26,7 @@ from .loading import (
 # Columns of `inspect`'s table (hf_moe_routers.metrics names, then parameter metrics); the leading
 # load and token metrics are the training summary's, so both reports read the same way.
 INSPECT_METRICS = (
-    *LOAD_AND_TOKEN_METRICS,
+    *HEADLINE_METRICS,
     "kth_margin",
     "aux_loss",
     "z_loss",

@@ -8,6 +8,7 @@ kernels module must be imported only after that variable has been set.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -33,8 +34,12 @@ def _log_once(key: str, level: int, message: str) -> None:
         logger.log(level, message)
 
 
+@functools.cache
 def triton_available() -> bool:
-    """Whether the ``triton`` package is installed (it is not imported by this check)."""
+    """Whether the ``triton`` package is installed (it is not imported by this check).
+
+    Cached: the routers ask on every forward, and an installation does not change in a process.
+    """
     return importlib.util.find_spec("triton") is not None
 
 
@@ -95,7 +100,7 @@ def resolve_backend(device: torch.device, backend: Backend | None = None) -> str
             "no-triton",
             logging.WARNING,
             "hf_moe_routers: Triton is not installed, so the MoE dispatch falls back to the pure-torch path "
-            "on CUDA (slower). Install it with `pip install hf-moe-routers[triton]`.",
+            "on CUDA (slower). Install it with `pip install triton`.",
         )
         return "torch"
     _log_once(

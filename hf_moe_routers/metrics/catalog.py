@@ -21,6 +21,7 @@ import dataclasses
 
 __all__ = [
     "BATCH_METRICS",
+    "HEADLINE_METRICS",
     "LOAD_METRICS",
     "METRIC_DESCRIPTIONS",
     "ROUTER_METRICS",
@@ -85,3 +86,6 @@ BATCH_METRICS: tuple[str, ...] = metric_names("batch")
 LOAD_METRICS: tuple[str, ...] = metric_names("load")
 #: Parameter and input-sample metrics (the Trainer's "costly" metrics).
 ROUTER_METRICS: tuple[str, ...] = metric_names("router")
+#: What every routing summary leads with (the training summary, ``inspect``): the window's load,
+#: then how sure the routers are of each token.
+HEADLINE_METRICS: tuple[str, ...] = (*LOAD_METRICS, "token_entropy", "top1_prob")

@@ -26,6 +26,7 @@ from typing import Literal
 
 import torch
 
+from .. import numerics
 from ..numerics import no_autocast
 from ._checks import check_index_range, check_logits_values, flat_indices, flat_logits, flat_mask
 
@@ -52,19 +53,9 @@ def routing_probs(
       (needs ``indices_TK``).
     """
     flat_TE = flat_logits(logits_TE)
-    with no_autocast(flat_TE.device):
-        if scoring == "softmax":
-            return torch.softmax(flat_TE, dim=-1)
-        if scoring == "sigmoid":
-            scores_TE = torch.sigmoid(flat_TE)
-            return scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        if scoring == "topk_softmax":
-            if indices_TK is None:
-                raise ValueError("scoring='topk_softmax' needs indices_TK (the selected experts).")
-            idx_TK = flat_indices(indices_TK, flat_TE.shape[0]).to(flat_TE.device)
-            top_TK = torch.softmax(flat_TE.gather(-1, idx_TK), dim=-1)
-            return torch.zeros_like(flat_TE).scatter(-1, idx_TK, top_TK)
-    raise ValueError(f"scoring must be 'softmax', 'sigmoid' or 'topk_softmax'; got {scoring!r}.")
+    if scoring == "topk_softmax" and indices_TK is not None:
+        indices_TK = flat_indices(indices_TK, flat_TE.shape[0])
+    return numerics.routing_probabilities(flat_TE, scoring, indices_TK)
 
 
 def _balance_sums(

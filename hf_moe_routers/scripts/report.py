@@ -11,29 +11,21 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..metrics.catalog import HEADLINE_METRICS
+
 if TYPE_CHECKING:
     from ..trainers.trainer import MoERouterTrainer
 
 __all__ = [
-    "LOAD_AND_TOKEN_METRICS",
     "SUMMARY_METRICS",
     "finite_for_json",
     "summary_table",
     "write_run_report",
 ]
 
-#: The load and token metrics every routing report leads with (``hf_moe_routers.metrics`` names).
-LOAD_AND_TOKEN_METRICS: tuple[str, ...] = (
-    "load_entropy",
-    "load_cv",
-    "max_load_ratio",
-    "dead_experts",
-    "token_entropy",
-    "top1_prob",
-)
 #: The ``eval_router/<name>`` rows of the summary table, in order; a metric not logged is left out.
 SUMMARY_METRICS: tuple[str, ...] = (
-    *LOAD_AND_TOKEN_METRICS,
+    *HEADLINE_METRICS,
     "flip_rate",
     "spectral_norm",
     "stable_rank",
