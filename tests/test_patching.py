@@ -215,3 +215,17 @@ def test_experts_keep_the_fast_implementation(family):
     assert model.config._experts_implementation == "grouped_mm"
     model.set_experts_implementation("batched_mm")
     assert model.config._experts_implementation == "batched_mm"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_input_check_catches_every_non_finite_value(bad, dtype):
+    """The router's finiteness check (min/max reductions) sees one bad value among finite ones."""
+    model = H.patch_moe_routers(tiny_model("mixtral"), H.LinearRouterConfig())
+    router = next(m for m in model.modules() if isinstance(m, RoutedRouterMixin)).to(dtype)
+    x_TH = torch.randn(7, HIDDEN, dtype=dtype)
+    router.router_logits(x_TH)  # finite: passes
+    router.router_logits(x_TH[:0])  # no tokens: nothing to check
+    x_TH[4, 3] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        router.router_logits(x_TH)

@@ -84,8 +84,11 @@ class RoutedRouterMixin:
 
     def router_logits(self, x_TH: torch.Tensor) -> torch.Tensor:
         """Scorer logits ``[T, E]`` for router inputs ``x_TH``; refuses NaN/Inf inputs."""
-        if self.router_config.check_finite and not torch.compiler.is_compiling():
-            if not bool(torch.isfinite(x_TH).all()):
+        if self.router_config.check_finite and not torch.compiler.is_compiling() and x_TH.numel():
+            # min and max are finite exactly when every value is (NaN propagates through both): two
+            # reductions, where isfinite(x).all() writes a [T, H] mask first, which cost the router
+            # forward several times its own matmul (benchmarks/bench_router.py).
+            if not bool(torch.isfinite(torch.stack(torch.aminmax(x_TH))).all()):
                 raise ValueError(
                     f"{type(self).__name__} received hidden states with NaN or Inf values "
                     f"(shape {tuple(x_TH.shape)}, dtype {x_TH.dtype}). Set check_finite=False in the "
