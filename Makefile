@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==2.13.0"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# Renders and caches the help of train and finetune (hf_moe_routers/cli/help_cache.py), so the
+	# first `train --help` answers at once; a failure here must not fail the install.
+	-HF_HUB_OFFLINE=1 $(PY) -m hf_moe_routers train --help > /dev/null
+	-HF_HUB_OFFLINE=1 $(PY) -m hf_moe_routers finetune --help > /dev/null
 	touch $(STAMP)
 
 # OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads sleep instead of spinning while they wait, so a

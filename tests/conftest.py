@@ -11,6 +11,11 @@ if "HF_MODULES_CACHE" not in os.environ:
     import tempfile
 
     os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="hf_moe_routers_modules_")
+# The CLI's help-text cache (cli/help_cache.py) likewise: tests must not write into ~/.cache.
+if "HF_MOE_ROUTERS_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["HF_MOE_ROUTERS_CACHE"] = tempfile.mkdtemp(prefix="hf_moe_routers_cache_")
 
 import pytest
 import torch

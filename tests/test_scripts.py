@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,6 +52,56 @@ TINY = [
 
 def _state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def keep_torch_threads(monkeypatch: pytest.MonkeyPatch):
+    """Put torch's thread count back after a run with ``--threads``: other tests compare results bit
+    for bit, and the count changes the order of floating-point reductions. The inter-op count can be
+    set once per process, so its setter is a no-op here."""
+    monkeypatch.setattr(torch, "set_num_interop_threads", lambda threads: None)
+    before = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_train_clm_trains_with_threads_records_them_and_keeps_one_resumable_checkpoint(
+    tmp_path, monkeypatch, keep_torch_threads
+):
+    # 2 threads: not the test run's OMP_NUM_THREADS=1, so only --threads can have set it.
+    seen: list[int] = []
+    train_and_evaluate = clm.train_and_evaluate
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())  # as training starts, after data and model are built
+        return train_and_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(clm, "train_and_evaluate", recording)
+    output = tmp_path / "out"
+    # save_total_limit is left at the scripts' default (1), as in the main job.
+    clm.main(TINY + ["--threads", "2", "--max_steps", "4", "--output_dir", str(output)])
+    assert seen == [2]
+    info = json.loads((output / "run_info.json").read_text())
+    assert info["run_parameters"]["torch_threads"] == 2
+    assert "| `torch_threads` | 2 |" in (output / "README.md").read_text()
+    # What the README's main-job section says is written: only the newest checkpoint (saves at
+    # steps 2 and 4), resumable: weights with the optimizer, scheduler and RNG state.
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-4"]
+    checkpoint = output / "checkpoint-4"
+    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"):
+        assert (checkpoint / name).is_file(), name
+    assert (checkpoint / "optimizer.pt").stat().st_size > (checkpoint / "model.safetensors").stat().st_size
+
+
+def test_main_job_defaults_keep_the_checkpoint_the_readme_names():
+    # README: the main job keeps `checkpoint-300/` and resumes from it; the defaults decide that.
+    *_, args = clm.parse_args(["--output_dir", "outputs/main_job"])
+    assert (args.max_steps, args.save_total_limit, args.save_only_model) == (300, 1, False)
+    assert args.max_steps % args.save_steps == 0  # the last save is at step 300
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"outputs/main_job/checkpoint-{args.max_steps}/" in readme
 
 
 @pytest.mark.parametrize("architecture", ["olmoe", "mixtral"])
@@ -159,46 +210,81 @@ def test_finetune_patched_patches_distils_trains_and_saves(tmp_path):
         finetune.main(["--model_name_or_path", str(tmp_path / "nothing"), "--output_dir", str(output)])
 
 
-def test_finetune_lora_saves_an_adapter_and_a_merged_model(tmp_path):
+#: A LoRA run of two steps on a tiny checkpoint, no checkpoints or plots.
+LORA_TINY = [
+    "--merge",
+    "true",
+    "--lora_r",
+    "2",
+    "--threads",
+    "2",
+    "--block_size",
+    "32",
+    "--max_train_blocks",
+    "16",
+    "--max_eval_blocks",
+    "4",
+    "--per_device_train_batch_size",
+    "4",
+    "--logging_steps",
+    "1",
+    "--save_strategy",
+    "no",
+    "--eval_strategy",
+    "no",
+    "--disable_tqdm",
+    "true",
+    "--router_plots",
+    "false",
+]
+
+
+def _merged_card_rows(folder) -> tuple[str, dict]:
+    """The merged folder's README.md and run_info.json."""
+    return (folder / "README.md").read_text(), json.loads((folder / "run_info.json").read_text())
+
+
+def test_finetune_of_a_routed_checkpoint_reports_its_own_router(tmp_path, monkeypatch, capsys):
+    base = hf_moe_routers.patch_moe_routers(tiny_model("olmoe", vocab_size=300), hf_moe_routers.SRMoEConfig())
+    base.save_pretrained(tmp_path / "base")
+    output = tmp_path / "out"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # no --threads: the documented default decides
+    finetune.main(
+        LORA_TINY[LORA_TINY.index("--block_size") :]  # data and logging flags: no LoRA ones, no --threads
+        + ["--model_name_or_path", str(tmp_path / "base"), "--output_dir", str(output), "--max_steps", "1"]
+    )
+    # Trained as it is (no patch): --router_type's default (l2r) and the distillation flags did not
+    # apply, so neither the report nor the card may name them.
+    assert "router                       sr_moe" in capsys.readouterr().out
+    card = (output / "README.md").read_text()
+    assert "| `router_type` |" not in card and "| `distill_steps` |" not in card
+    assert "| `torch_threads` | 1 |" in card
+
+
+def test_finetune_lora_saves_an_adapter_and_a_merged_model(tmp_path, keep_torch_threads, capsys):
     from peft import PeftModel
 
+    from hf_moe_routers.cards import is_generated_card
+    from hf_moe_routers.cards.card_sections import format_parameter_count
     from hf_moe_routers.scripts import lora
 
     base = hf_moe_routers.patch_moe_routers(tiny_model("olmoe", vocab_size=300), hf_moe_routers.SRMoEConfig())
     base.save_pretrained(tmp_path / "base")
     output = tmp_path / "lora"
     lora.main(
-        [
+        LORA_TINY
+        + [
             "--model_name_or_path",
             str(tmp_path / "base"),
             "--output_dir",
             str(output),
-            "--merge",
-            "true",
-            "--lora_r",
-            "2",
             "--max_steps",
             "2",
-            "--block_size",
-            "32",
-            "--max_train_blocks",
-            "16",
-            "--max_eval_blocks",
-            "4",
-            "--per_device_train_batch_size",
-            "4",
-            "--logging_steps",
-            "1",
-            "--save_strategy",
-            "no",
-            "--eval_strategy",
-            "no",
-            "--disable_tqdm",
-            "true",
-            "--router_plots",
-            "false",
         ]
     )
+    # The base is routed (SR-MoE): it is trained as it is, and the report names its router, not
+    # --router_type's default (l2r).
+    assert "router                       sr_moe" in capsys.readouterr().out
     assert (output / "adapter_config.json").is_file() and (output / "merged" / "config.json").is_file()
     adapted = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(tmp_path / "base"), output
@@ -207,6 +293,49 @@ def test_finetune_lora_saves_an_adapter_and_a_merged_model(tmp_path):
     ids = torch.randint(0, 300, (1, 10))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-5, atol=1e-5)
+
+    # The merged folder's card is rendered from the run, as every folder the package writes.
+    card, info = _merged_card_rows(output / "merged")
+    assert is_generated_card(output / "merged" / "README.md")
+    assert f"LoRA fine-tune of the routed checkpoint `{tmp_path / 'base'}`, merged." in card
+    assert "the bundled Shakespeare subset" in card and "16 blocks of 32 tokens" in card
+    for row in (
+        "| `lora_r` | 2 |",
+        "| `learning_rate` | 0.001 |",
+        "| `trained_steps` | 2 |",
+        "| `torch_threads` | 2 |",
+    ):
+        assert row in card, row
+    assert "| `router_type` |" not in card  # the flag did not apply to a routed base
+    parameters = sum(p.numel() for p in merged.parameters())
+    assert f"| Parameters | {format_parameter_count(parameters)} |" in card
+    assert info["parameters"] == parameters and info["run_parameters"]["lora_alpha"] == 16
+    assert "validation perplexity" in card  # the final evaluation's metric table
+
+
+def test_finetune_lora_merged_card_names_a_base_it_patched(tmp_path, keep_torch_threads):
+    from hf_moe_routers.scripts import lora
+
+    tiny_model("olmoe", vocab_size=300).save_pretrained(tmp_path / "plain")
+    output = tmp_path / "lora"
+    lora.main(
+        LORA_TINY
+        + [
+            "--model_name_or_path",
+            str(tmp_path / "plain"),
+            "--router_type",
+            "cosine",
+            "--output_dir",
+            str(output),
+            "--max_steps",
+            "1",
+        ]
+    )
+    card, info = _merged_card_rows(output / "merged")
+    # Patched in this run: the base is the card's "Patched from" row, the patch flags are listed.
+    assert f"| Patched from | `{tmp_path / 'plain'}` |" in card
+    assert "| `router_type` | cosine |" in card and info["run_parameters"]["router_type"] == "cosine"
+    assert "| `torch_threads` | 2 |" in card
 
 
 @pytest.mark.parametrize("script", ["train_clm.py", "finetune_patched.py", "finetune_lora.py"])

@@ -164,7 +164,12 @@ def _record_and_stop(monkeypatch: pytest.MonkeyPatch, module, stop_at: str) -> l
     """Replace ``module.configure_torch_threads`` by a recorder and ``module.<stop_at>`` (the first
     data step) by :class:`_Stop`: the order of the calls shows threads are set before any work."""
     calls: list[str] = []
-    monkeypatch.setattr(module, "configure_torch_threads", lambda *a, **k: calls.append("threads"))
+
+    def record(*args, **kwargs) -> ThreadChoice:
+        calls.append("threads")
+        return ThreadChoice(1, 1, "requested", "affinity")  # the scripts record the count it names
+
+    monkeypatch.setattr(module, "configure_torch_threads", record)
 
     def stop(*args, **kwargs):
         calls.append(stop_at)
@@ -203,3 +208,117 @@ def test_clm_main_applies_the_real_choice(tmp_path, monkeypatch, restore_torch_t
         clm.main(["--output_dir", str(tmp_path), "--max_steps", "1"])
     assert torch.get_num_threads() == 1
     assert "torch threads: 1 (OMP_NUM_THREADS;" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# --threads: the scripts' flag
+# --------------------------------------------------------------------------------------------
+
+
+def _stop_and_record_threads(monkeypatch: pytest.MonkeyPatch, module, stop_at: str) -> list[int]:
+    """Replace ``module.<stop_at>`` (the script's first data step, after the threads are set) by a
+    recorder of ``torch.get_num_threads()`` that ends the run with :class:`_Stop`."""
+    seen: list[int] = []
+
+    def stop(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise _Stop
+
+    monkeypatch.setattr(module, stop_at, stop)
+    return seen
+
+
+@pytest.mark.parametrize("script", ["clm", "finetune", "lora"])
+def test_threads_flag_sets_torch_threads_over_omp_num_threads(
+    script, tmp_path, monkeypatch, restore_torch_threads, capsys
+):
+    from hf_moe_routers.scripts import lora
+
+    # 3: neither the test run's OMP_NUM_THREADS (1, set explicitly here: the flag must win over it)
+    # nor this machine's CPU count, so only the flag can have set it.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("RANK", raising=False)
+    torch.set_num_threads(1)
+    module, stop_at = {
+        "clm": (clm, "load_corpus"),
+        "finetune": (finetune, "checkpoint_and_data"),
+        "lora": (lora, "checkpoint_and_data"),
+    }[script]
+    seen = _stop_and_record_threads(monkeypatch, module, stop_at)
+    argv = ["--threads", "3", "--output_dir", str(tmp_path / "out")]
+    if script != "clm":
+        tiny_config("mixtral").save_pretrained(tmp_path / "ckpt")
+        argv += ["--model_name_or_path", str(tmp_path / "ckpt")]
+    with pytest.raises(_Stop):
+        module.main(argv)
+    assert seen == [3]
+    assert restore_torch_threads == [3]  # the inter-op pool too
+    assert "torch threads: 3 (as requested; " in capsys.readouterr().out
+
+
+def test_without_the_flag_omp_num_threads_still_decides(tmp_path, monkeypatch, restore_torch_threads):
+    # threads.py's documented order: the flag, else an explicit OMP_NUM_THREADS, else the CPUs.
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    seen = _stop_and_record_threads(monkeypatch, clm, "load_corpus")
+    with pytest.raises(_Stop):
+        clm.main(["--output_dir", str(tmp_path)])
+    assert seen == [3]
+
+
+@pytest.mark.parametrize("command", ["train", "finetune"])
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5", ""])
+def test_bad_threads_values_are_one_line_and_exit_2(command, value, tmp_path, capsys):
+    from hf_moe_routers.cli import main
+
+    argv = [command, "--threads", value, "--output_dir", str(tmp_path)]
+    if command == "finetune":
+        argv += ["--model_name_or_path", str(tmp_path)]  # not read: the flags fail first
+    before = torch.get_num_threads()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        f"hf-moe-routers {command}: error: argument --threads: must be a positive integer "
+        f"(the CPU threads torch uses, 1 or more); got {value!r}",
+        f"run `hf-moe-routers {command} --help` for the options",
+    ]
+    assert torch.get_num_threads() == before  # rejected before anything was applied
+
+
+def test_lora_script_rejects_a_bad_thread_count_in_one_line(monkeypatch, capsys):
+    # examples/finetune_lora.py is run_script(lora.main): the same line and status as the CLI's.
+    from hf_moe_routers.scripts import lora
+    from hf_moe_routers.scripts.common import run_script
+
+    monkeypatch.setattr("sys.argv", ["finetune_lora.py", "--model_name_or_path", "x", "--threads", "0"])
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(lora.main, "examples/finetune_lora.py")
+    assert exit_info.value.code == 2
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first == (
+        "examples/finetune_lora.py: error: argument --threads: must be a positive integer "
+        "(the CPU threads torch uses, 1 or more); got '0'"
+    )
+
+
+def test_run_arguments_built_in_python_are_checked_too():
+    from hf_moe_routers.scripts.common import RunArguments
+
+    assert RunArguments().threads is None and RunArguments(threads=2).threads == 2
+    for bad in (0, -4, True):
+        with pytest.raises(ValueError, match="--threads must be a positive integer"):
+            RunArguments(threads=bad)
+
+
+@pytest.mark.parametrize("command", ["train", "finetune"])
+def test_help_lists_threads_in_our_run_group_before_the_inherited_options(command, capsys):
+    from hf_moe_routers.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    run_group = out.index("\nrun:\n")
+    inherited = out.index("training (inherited from transformers.TrainingArguments):")
+    assert out.index("\ndata:") < run_group < out.index("--threads") < inherited
+    assert out.count("--threads") == 1  # one option, not an inherited duplicate

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from .commands import (
-    INSPECT_METRICS,
+    inspect_columns,
     run_bench,
     run_card,
     run_export,
@@ -30,11 +30,12 @@ from .commands import (
     run_patch,
     run_patch_demo,
 )
+from .help_cache import cached_help, wants_help
 from .loading import CommandError
 
 __all__ = [
     "COMMANDS",
-    "INSPECT_METRICS",
+    "inspect_columns",
     "CommandError",
     "CommandParser",
     "build_parser",
@@ -188,20 +189,32 @@ def run_training(command: str, argv: list[str]) -> int:
     reported here as every command reports bad input; any other exception is an internal error
     and keeps its traceback.
     """
-    # Imported here, not at the top: the training stack is what `--help` of the other commands
-    # must not wait for.
+    prog = f"hf-moe-routers {command}"
+    if wants_help(argv):
+        # Rendered by the live parser once per installation and code version (help_cache.py): the
+        # parser needs TrainingArguments, whose import alone takes seconds.
+        sys.stdout.write(cached_help(command, lambda help_argv: _script_main(command)(help_argv, prog=prog)))
+        sys.exit(0)  # as argparse does after printing the help of every other command
+    from ..scripts.common import UsageError
+
+    try:
+        _script_main(command)(argv, prog=prog)
+    except UsageError as error:
+        usage_error(prog, str(error))
+    return 0
+
+
+def _script_main(command: str) -> Callable[..., object]:
+    """The ``main`` of the training script behind ``command``.
+
+    Imported here, not at the top: the training stack is what ``--help`` of the other commands
+    must not wait for.
+    """
     if command == "train":
         from ..scripts.clm import main as script_main
     else:
         from ..scripts.finetune import main as script_main
-    from ..scripts.common import UsageError
-
-    prog = f"hf-moe-routers {command}"
-    try:
-        script_main(argv, prog=prog)
-    except UsageError as error:
-        usage_error(prog, str(error))
-    return 0
+    return script_main
 
 
 if __name__ == "__main__":  # pragma: no cover

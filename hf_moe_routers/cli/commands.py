@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# The commands import the heavy parts (Trainer, datasets, hub client) lazily, when they run.
-from ..metrics.catalog import HEADLINE_METRICS
+# The commands import the heavy parts (torch, Trainer, datasets, hub client) lazily, when they run:
+# `--help` of every command must answer without them.
 from .loading import (
     CommandError,
     folder_tokenizer,
@@ -23,17 +23,22 @@ from .loading import (
     token_batches,
 )
 
-# Columns of `inspect`'s table (hf_moe_routers.metrics names, then parameter metrics); the leading
-# load and token metrics are the training summary's, so both reports read the same way.
-INSPECT_METRICS = (
-    *HEADLINE_METRICS,
-    "kth_margin",
-    "aux_loss",
-    "z_loss",
-    "spectral_norm",
-    "stable_rank",
-    "lipschitz_bound",
-)
+
+def inspect_columns() -> tuple[str, ...]:
+    """Columns of `inspect`'s table (hf_moe_routers.metrics names, then parameter metrics); the
+    leading load and token metrics are the training summary's, so both reports read the same way.
+    (A function: the metrics package imports torch, which `--help` must not wait for.)"""
+    from ..metrics.catalog import HEADLINE_METRICS
+
+    return (
+        *HEADLINE_METRICS,
+        "kth_margin",
+        "aux_loss",
+        "z_loss",
+        "spectral_norm",
+        "stable_rank",
+        "lipschitz_bound",
+    )
 
 
 def run_patch(args: argparse.Namespace) -> int:
@@ -89,7 +94,7 @@ def run_patch(args: argparse.Namespace) -> int:
     if layers:
         from ..reporting import mean_over_layers
 
-        for name in INSPECT_METRICS:  # inspect's means, in the Trainer's eval_router/ keys
+        for name in inspect_columns():  # inspect's means, in the Trainer's eval_router/ keys
             metrics[f"eval_router/{name}"] = mean_over_layers([per_layer[layer][name] for layer in layers])
             metrics.update({f"eval_router/{name}/{layer}": per_layer[layer][name] for layer in layers})
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -220,7 +225,7 @@ def inspect_metrics(
     pooled = [RouterCapture(torch.cat(logits[i]), torch.cat(indices[i]), torch.empty(0, 0)) for i in ran]
     per_layer, _ = report_captures(routers, pooled, scoring=routing_scoring(model), measure_inputs=False)
     results = {
-        info.layer: {name: per_layer[name][j] for name in INSPECT_METRICS} for j, info in enumerate(routers)
+        info.layer: {name: per_layer[name][j] for name in inspect_columns()} for j, info in enumerate(routers)
     }
     tokens = max(capture.logits_TE.shape[0] for capture in pooled)
     return list(results), results, tokens
@@ -254,7 +259,9 @@ def run_inspect(args: argparse.Namespace) -> int:
     from ..reporting import mean_over_layers
 
     means = {
-        name: mean_over_layers([v[name] for v in per_layer.values()]) for name in INSPECT_METRICS if per_layer
+        name: mean_over_layers([v[name] for v in per_layer.values()])
+        for name in inspect_columns()
+        if per_layer
     }
     if args.json:
         report = {
@@ -276,10 +283,10 @@ def run_inspect(args: argparse.Namespace) -> int:
         f"routing metrics on {blocks.shape[0]} blocks of {blocks.shape[1]} tokens ({tokens} tokens per router):"
     )
     width = max(len("layer"), *(len(layer) for layer in layers))
-    print(f"{'layer':<{width}}" + "".join(f"{name:>16}" for name in INSPECT_METRICS))
+    print(f"{'layer':<{width}}" + "".join(f"{name:>16}" for name in inspect_columns()))
     for layer in [*layers, "mean"]:
         values = means if layer == "mean" else per_layer[layer]
-        print(f"{layer:<{width}}" + "".join(f"{values[name]:>16.4g}" for name in INSPECT_METRICS))
+        print(f"{layer:<{width}}" + "".join(f"{values[name]:>16.4g}" for name in inspect_columns()))
     return 0
 
 

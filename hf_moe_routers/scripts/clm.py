@@ -28,6 +28,7 @@ from .common import (
     ROUTER_TYPES,
     TOKENIZER_FILES,
     DataArguments,
+    RunArguments,
     lm_datasets,
     load_corpus,
     parse_flags,
@@ -116,11 +117,15 @@ DESCRIPTION = (
 
 def parse_args(
     argv: list[str] | None = None, prog: str | None = None
-) -> tuple[ModelArguments, DataArguments, MoERouterTrainingArguments]:
+) -> tuple[ModelArguments, DataArguments, RunArguments, MoERouterTrainingArguments]:
     """Parse command-line flags; unset training flags take ``default_training_arguments``.
     Bad flags raise ``UsageError`` (``scripts.common``)."""
     return parse_flags(  # type: ignore[return-value]
-        (ModelArguments, DataArguments), argv, "outputs/train_clm", prog=prog, description=DESCRIPTION
+        (ModelArguments, DataArguments, RunArguments),
+        argv,
+        "outputs/train_clm",
+        prog=prog,
+        description=DESCRIPTION,
     )
 
 
@@ -172,9 +177,9 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict[str,
     """Build, train, evaluate and save a routed model from the command-line flags; returns the
     final evaluation metrics (with ``eval_perplexity`` and ``train_wall_seconds``). ``prog`` names
     the command in ``--help`` (``hf-moe-routers train``); bad input raises ``UsageError``."""
-    model_args, data_args, training_args = parse_args(argv, prog)
+    model_args, data_args, run_args, training_args = parse_args(argv, prog)
     # Before any tensor work: torch's default counts the machine's CPUs, not this process's.
-    configure_torch_threads()
+    threads = configure_torch_threads(run_args.threads).threads
     set_seed(training_args.seed)
     start = time.perf_counter()
     train_texts, eval_texts = load_corpus(data_args)
@@ -191,7 +196,10 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict[str,
     )
     trainer, metrics = train_and_evaluate(model, training_args, train_dataset, eval_dataset, tokenizer)
     metrics["train_wall_seconds"] = time.perf_counter() - start
-    if save_run(trainer, tokenizer, metrics, model_args.router_type, data_args):
+    # The thread count changes the order of floating-point reductions, so results are comparable
+    # only at the same count: the card and run_info.json record it.
+    run_parameters = {"torch_threads": threads}
+    if save_run(trainer, tokenizer, metrics, model_args.router_type, data_args, run_parameters):
         print(
             f"saved model, tokenizer, plots and metrics to {os.path.abspath(training_args.output_dir)} "
             f"({metrics['train_wall_seconds']:.0f} s)"

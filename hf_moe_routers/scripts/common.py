@@ -4,12 +4,16 @@
 checkpoint) each own only how their model is made; the rest of a run goes through here, so every
 script reads its data, trains, evaluates and saves the same way::
 
-    patch_args, data_args, training_args = parse_flags((PatchArguments, DataArguments), argv, output_dir="out")
+    patch_args, data_args, run_args, training_args = parse_flags(
+        (PatchArguments, DataArguments, RunArguments), argv, output_dir="out"
+    )
+    threads = configure_torch_threads(run_args.threads).threads  # scripts.threads; --threads wins
     set_seed(training_args.seed)
     model, tokenizer, train_dataset, eval_dataset = checkpoint_and_data(patch_args, data_args)
     ...  # the script's own job: patch, distil, wrap with LoRA
     trainer, metrics = train_and_evaluate(model, training_args, train_dataset, eval_dataset, tokenizer)
-    save_run(trainer, tokenizer, metrics, patch_args.router_type, data_args)  # model, tokenizer, JSON, card
+    save_run(trainer, tokenizer, metrics, router_type_of(model, patch_args.router_type), data_args,
+             {"torch_threads": threads})  # model, tokenizer, JSON, card (run_parameters: on the card)
 
 ``clm`` builds its model and tokenizer itself and takes only :func:`load_corpus` and
 :func:`lm_datasets` for the data.
@@ -17,12 +21,13 @@ script reads its data, trains, evaluates and saves the same way::
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import torch
 from transformers import (
@@ -50,6 +55,7 @@ __all__ = [
     "DataArguments",
     "FlagParser",
     "PatchArguments",
+    "RunArguments",
     "UsageError",
     "run_script",
     "check_checkpoint",
@@ -63,6 +69,8 @@ __all__ = [
     "load_corpus",
     "one_line",
     "parse_flags",
+    "positive_threads",
+    "router_type_of",
     "run_training_data",
     "save_run",
     "short_text_message",
@@ -126,6 +134,13 @@ class FlagParser(HfArgumentParser):
     def _add_dataclass_arguments(self, dtype: Any) -> None:
         if hasattr(dtype, "_argument_group_name"):
             super()._add_dataclass_arguments(dtype)
+            # HfArgumentParser sets every option's type from its field's annotation and ignores a
+            # ``type`` in the metadata: a dataclass that wants its own message for a bad value
+            # (``--threads 0``) names its parsers in ``_argument_types``.
+            types = getattr(dtype, "_argument_types", {})
+            for action in self._actions:
+                if action.dest in types:
+                    action.type = types[action.dest]
             return
         start = len(self._optionals._group_actions)
         super()._add_dataclass_arguments(dtype)
@@ -195,6 +210,50 @@ class PatchArguments:
     def router_config(self) -> RouterConfig:
         """The router to patch in, from ``router_type`` and ``router_kwargs``."""
         return RouterConfig.from_json_kwargs(self.router_type, self.router_kwargs)
+
+
+def positive_threads(value: str) -> int:
+    """``--threads``' argparse type: a positive integer, else the error that names the allowed values.
+
+    argparse reports an ``ArgumentTypeError`` as ``argument --threads: <message>``; an ``int`` type
+    would accept ``0`` and ``-1`` and leave them to fail later, far from the flag.
+    """
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer (the CPU threads torch uses, 1 or more); got {value!r}"
+        )
+    return threads
+
+
+@dataclasses.dataclass
+class RunArguments:
+    """How a run uses this machine: the options that are neither the model's, the data's nor a
+    ``TrainingArguments`` one (transformers has no CPU-thread option)."""
+
+    _argument_group_name = "run"  # a help group of its own, listed before the inherited options
+    #: parsers that replace HfArgumentParser's ``int`` (see ``FlagParser``), for one clear message
+    _argument_types: ClassVar[dict[str, Callable[[str], Any]]] = {"threads": positive_threads}
+
+    threads: int | None = dataclasses.field(
+        default=None,
+        metadata={
+            "metavar": "N",
+            "help": "CPU threads for torch (a positive integer). Default: an explicit OMP_NUM_THREADS, "
+            "else one per CPU available to this process (its affinity mask and cgroup CPU quota).",
+        },
+    )
+
+    def __post_init__(self) -> None:
+        # The flag is checked by its parser; this covers RunArguments built in Python.
+        if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
+            raise ValueError(
+                f"--threads must be a positive integer (the CPU threads torch uses, 1 or more); "
+                f"got {self.threads!r}."
+            )
 
 
 #: Training defaults of the scripts that start from a saved checkpoint (``finetune``, ``lora``):
@@ -380,6 +439,16 @@ def load_checkpoint(model_name_or_path: str) -> PreTrainedModel:
 def is_routed(model: torch.nn.Module) -> bool:
     """Whether ``model`` already has routed routers (a saved routed checkpoint is not patched again)."""
     return any(isinstance(m, RoutedRouterMixin) for m in model.modules())
+
+
+def router_type_of(model: torch.nn.Module, default: str) -> str:
+    """The router type a routed ``model`` carries (its config's ``router_config``), else ``default``.
+
+    A routed checkpoint is trained as it is, whatever ``--router_type`` says (its default is
+    ``l2r``): the report and the card must name the router the model really has.
+    """
+    router = getattr(getattr(model, "config", None), "router_config", None)
+    return str(getattr(router, "router_type", None) or default)
 
 
 def checkpoint_tokenizer(path: str, texts: list[str], vocab_size: int) -> Any:

@@ -24,11 +24,13 @@ from .common import (
     CHECKPOINT_RUN_DEFAULTS,
     DataArguments,
     PatchArguments,
+    RunArguments,
     UsageError,
     check_checkpoint,
     checkpoint_and_data,
     is_routed,
     parse_flags,
+    router_type_of,
     save_run,
     train_and_evaluate,
 )
@@ -56,20 +58,25 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict[str,
     """Patch (unless already routed), distil, fine-tune, evaluate and save; returns the final
     evaluation metrics. ``prog`` names the command in ``--help`` (``hf-moe-routers finetune``); bad
     input raises ``UsageError``."""
-    patch_args, data_args, training_args = parse_flags(
-        (PatchArguments, DataArguments), argv, prog=prog, description=DESCRIPTION, **TRAINING_DEFAULTS
+    patch_args, data_args, run_args, training_args = parse_flags(
+        (PatchArguments, DataArguments, RunArguments),
+        argv,
+        prog=prog,
+        description=DESCRIPTION,
+        **TRAINING_DEFAULTS,
     )
     # The checkpoint's path and family, before the corpus and the model load.
     check_checkpoint(patch_args.model_name_or_path)
     # Before any tensor work: torch's default counts the machine's CPUs, not this process's.
-    configure_torch_threads()
+    threads = configure_torch_threads(run_args.threads).threads
     set_seed(training_args.seed)
     model, tokenizer, train_dataset, eval_dataset = checkpoint_and_data(patch_args, data_args)
     if len(tokenizer) > model.config.vocab_size:
         raise UsageError(
             f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {model.config.vocab_size}."
         )
-    if not is_routed(model):
+    patched = not is_routed(model)
+    if patched:
         calibration = calibration_batches(
             train_dataset.blocks, training_args.per_device_train_batch_size, patch_args.distill_batches
         )
@@ -84,13 +91,18 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict[str,
                 distill_router(model, calibration, steps=patch_args.distill_steps, lr=patch_args.distill_lr),
             )
     trainer, metrics = train_and_evaluate(model, training_args, train_dataset, eval_dataset, tokenizer)
-    # The patch and distillation flags are not TrainingArguments: the card lists them with those.
-    run_parameters = {
-        name: getattr(patch_args, name)
-        for name in ("router_type", "router_kwargs", "distill_steps", "distill_lr", "distill_batches")
-        if hasattr(patch_args, name)
-    }
-    if save_run(trainer, tokenizer, metrics, patch_args.router_type, data_args, run_parameters):
+    # The patch and distillation flags are not TrainingArguments: the card lists them with those,
+    # when they applied (a routed checkpoint is trained as it is, whatever --router_type says).
+    # The thread count too: it changes the order of floating-point reductions, hence the results.
+    run_parameters: dict[str, Any] = {}
+    if patched:
+        run_parameters = {
+            name: getattr(patch_args, name)
+            for name in ("router_type", "router_kwargs", "distill_steps", "distill_lr", "distill_batches")
+        }
+    run_parameters["torch_threads"] = threads
+    router_type = router_type_of(model, patch_args.router_type)
+    if save_run(trainer, tokenizer, metrics, router_type, data_args, run_parameters):
         print(f"saved to {os.path.abspath(training_args.output_dir)}")
     return metrics
 
