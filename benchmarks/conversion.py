@@ -588,7 +588,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    torch.set_num_interop_threads(args.threads)  # nothing has run in parallel yet
+    try:
+        torch.set_num_interop_threads(args.threads)
+    except RuntimeError:
+        pass  # set once per process: when called in-process (tests) the pool is already up
 
     def log(message: str) -> None:
         print(message, flush=True)

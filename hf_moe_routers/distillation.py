@@ -26,6 +26,31 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
+def _calibration_kl(
+    routers: list[tuple[str, nn.Module]], collected: list[dict[str, torch.Tensor]], temperature: float
+) -> dict[str, float]:
+    """Each router's KL(gate || router) over all collected inputs (the distillation loss, undivided)."""
+    kl = {}
+    for name, router in routers:
+        x_TH = torch.cat([c[name] for c in collected])
+        teacher = F.log_softmax(reference_logits(router, x_TH) / temperature, dim=-1)
+        student = F.log_softmax(router.scorer(x_TH).float() / temperature, dim=-1)  # type: ignore[attr-defined]
+        kl[name] = float(F.kl_div(student, teacher, log_target=True, reduction="batchmean"))
+    return kl
+
+
+def _scorer_state(router: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in router.scorer.state_dict().items()}  # type: ignore[attr-defined]
+
+
+@torch.no_grad()
+def _load_scorer_state(router: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    current = router.scorer.state_dict()  # type: ignore[attr-defined]
+    for key, value in state.items():
+        current[key].copy_(value)
+
+
+@torch.no_grad()
 def _match_logit_scale(
     routers: list[tuple[str, nn.Module]], collected: list[dict[str, torch.Tensor]]
 ) -> None:
@@ -46,6 +71,7 @@ def distill_router(
     temperature: float = 1.0,
     weight_decay: float = 0.0,
     match_scale: bool = True,
+    keep_best: bool = True,
 ) -> PatchReport:
     """Train only router parameters so each router's softmax matches its reference gate (KL).
 
@@ -63,6 +89,11 @@ def distill_router(
         match_scale: first rescale each student's logits (L2R's γ, the cosine temperature) so
             their mean per-token spread matches the teacher's; bounded scorers otherwise spend
             the first steps chasing the teacher's scale and lose the SVD init's ranking.
+        keep_best: measure each router's KL on all collected inputs before and after the steps and
+            keep the parameters with the lower one, so distillation never returns a router that
+            fits its gate worse than the one it started from. This matters for routers that start
+            exact (SR-MoE linear, the linear router): their gradient is rounding noise, which Adam
+            normalises into steps of size ``lr`` that move the routing.
 
     Returns:
         A ``PatchReport`` of top-k agreement after distillation on the collected inputs.
@@ -91,6 +122,9 @@ def distill_router(
 
     if match_scale:
         _match_logit_scale(routers, collected)
+    if keep_best:
+        start_kl = _calibration_kl(routers, collected, temperature)
+        start_state = {name: _scorer_state(router) for name, router in routers}
     params = [p for _, r in routers for p in r.scorer.parameters() if p.requires_grad]  # type: ignore[attr-defined]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     for _, router in routers:
@@ -107,6 +141,13 @@ def distill_router(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    if keep_best:
+        model.eval()  # the scorers too: SR-MoE's power iteration must not advance while measuring
+        end_kl = _calibration_kl(routers, collected, temperature)
+        for name, router in routers:
+            if end_kl[name] > start_kl[name]:
+                _load_scorer_state(router, start_state[name])
+                logger.info("distill_router: %s fits its gate better as it started; kept", name)
     model.train(was_training)
 
     layers = {

@@ -80,6 +80,26 @@ def _gate_tensors(
     return entries
 
 
+def _drop_expert_bias(router: nn.Module, prefix: str, state: dict[str, torch.Tensor], family: str) -> None:
+    """Remove a router's aux-loss-free expert bias from ``state``, or refuse when it is in use.
+
+    DeepSeek-V3's own ``e_score_correction_bias`` is the host's buffer and stays. Any other family's
+    gate selects by ``W x + b`` alone: a zero bias (never updated) changes no routing and is dropped,
+    a non-zero one shifts which experts are selected, which the host gate cannot express.
+    """
+    name = type(router).expert_bias_attribute
+    if name == "e_score_correction_bias" or prefix + name not in state:
+        return
+    bias = state.pop(prefix + name)
+    if bool(bias.any()):
+        raise ValueError(
+            f"export_to_family: router {prefix[:-1]!r} selects experts with a trained expert bias "
+            f"(expert_bias_update_rate > 0; max |b| = {bias.abs().max().item():.3g}), which the {family} "
+            "gate cannot express: its selection uses W x + b alone. Export is possible only while the "
+            "expert bias is zero, or for DeepSeek-V3, whose e_score_correction_bias carries it."
+        )
+
+
 def _host_config(model: PreTrainedModel, host_model_type: str) -> Any:
     data = {k: v for k, v in model.config.to_dict().items() if k not in _ROUTED_ONLY_KEYS}
     config = AutoConfig.for_model(host_model_type, **data)
@@ -127,6 +147,7 @@ def export_to_family(model: PreTrainedModel) -> PreTrainedModel:
             del state[key]
         for key, tensor in _gate_tensors(router, weight, bias).items():
             state[prefix + key] = tensor
+        _drop_expert_bias(router, prefix, state, adapter.name)
     # Built without random init (transformers' no_init_weights), then every tensor is the routed
     # model's own (assign keeps its dtype); buffers outside the state dict (rotary tables) come
     # from __init__ as in any freshly built host model.

@@ -221,39 +221,90 @@ def patch_moe_routers(
     if hidden_states is not None and calibration_batches is not None:
         raise ValueError("Pass either calibration_batches or hidden_states, not both.")
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        converted = convert_to_routed(model, adapter, router_config, from_dense=True, keep_reference=True)
-    if not converted:
-        raise ValueError(f"No {adapter.host_router_class.__name__} found in this {adapter.name} model.")
+    meta = _first_meta_tensor(model)
+    if meta is not None:
+        raise ValueError(
+            f"patch_moe_routers needs every weight in memory, but {meta!r} is on the meta device "
+            "(a model built under torch.device('meta'), or loaded with a device_map that offloads to "
+            "disk). Materialise the model first, or patch it in memory, save_pretrained the patched "
+            "model, and load that checkpoint with from_pretrained(..., device_map=...)."
+        )
 
-    # A routed copy of the config replaces every reference to the old one inside this model (the
-    # experts read `_experts_implementation` from theirs); the caller's config object, which other
-    # models may share, is left as it was.
-    routed_config = copy.deepcopy(config)
-    routed_config.__class__ = adapter.routed_config_class
-    # A config read from config.json carries `model_type` as an instance attribute that would
-    # shadow the routed class's (docs/TRANSFORMERS.md pitfall 13).
-    routed_config.__dict__.pop("model_type", None)
-    routed_config.moe_router = router_config.to_dict()
-    routed_config._validate_moe_router()
-    _replace_config(model, config, routed_config)
+    # Patching changes classes, parameters and the config in place; a failure half-way (a
+    # calibration batch the model cannot run, a hyper-parameter that does not fit) must not leave
+    # a half-patched model that a retry would refuse as "already patched".
+    snapshot = _ModuleSnapshot(model)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            converted = convert_to_routed(model, adapter, router_config, from_dense=True, keep_reference=True)
+        if not converted:
+            raise ValueError(f"No {adapter.host_router_class.__name__} found in this {adapter.name} model.")
 
-    report = _report(
-        model,
-        converted,
-        router_config,
-        adapter.name,
-        calibration_batches,
-        hidden_states,
-        num_random_tokens,
-        seed,
-    )
+        # A routed copy of the config replaces every reference to the old one inside this model (the
+        # experts read `_experts_implementation` from theirs); the caller's config object, which other
+        # models may share, is left as it was.
+        routed_config = copy.deepcopy(config)
+        routed_config.__class__ = adapter.routed_config_class
+        # A config read from config.json carries `model_type` as an instance attribute that would
+        # shadow the routed class's (docs/TRANSFORMERS.md pitfall 13).
+        routed_config.__dict__.pop("model_type", None)
+        routed_config.moe_router = router_config.to_dict()
+        routed_config._validate_moe_router()
+        _replace_config(model, config, routed_config)
+
+        report = _report(
+            model,
+            converted,
+            router_config,
+            adapter.name,
+            calibration_batches,
+            hidden_states,
+            num_random_tokens,
+            seed,
+        )
+    except BaseException:
+        snapshot.restore()
+        raise
     if not keep_reference:
         drop_reference_gates(model)
     model.router_patch_report = report  # type: ignore[attr-defined]
     logger.info("%s", report)
     return (model, report) if return_report else model
+
+
+def _first_meta_tensor(model: nn.Module) -> str | None:
+    """The name of the first parameter or buffer of ``model`` on the meta device, or None."""
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if tensor.is_meta:
+            return name
+    return None
+
+
+class _ModuleSnapshot:
+    """Every module's class and attribute tables, to undo a patch that failed half-way.
+
+    Patching only rebinds: it swaps ``__class__``, adds and removes entries of ``_parameters``,
+    ``_buffers`` and ``_modules`` and replaces the config object; it never writes into a tensor of
+    the host model. Copies of those tables (not of the tensors) are therefore enough to restore it.
+    """
+
+    _TABLES = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
+
+    def __init__(self, model: nn.Module) -> None:
+        self._states = []
+        for module in model.modules():
+            attributes = dict(vars(module))
+            tables = {name: copy.copy(attributes[name]) for name in self._TABLES if name in attributes}
+            self._states.append((module, type(module), attributes, tables))
+
+    def restore(self) -> None:
+        for module, cls, attributes, tables in self._states:
+            module.__class__ = cls
+            vars(module).clear()
+            vars(module).update(attributes)
+            for name, table in tables.items():
+                vars(module)[name] = copy.copy(table)
 
 
 def _replace_config(model: nn.Module, old: Any, new: Any) -> None:

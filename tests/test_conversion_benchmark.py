@@ -21,6 +21,14 @@ from hf_moe_routers import data_utils
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "conversion.py"
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """``conversion.main`` sets torch's thread count for its process; give the next test its own."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def conversion():
     spec = importlib.util.spec_from_file_location("conversion_benchmark", SCRIPT)

@@ -105,6 +105,27 @@ def test_routers_not_linear_in_form_are_refused_with_the_reason(router_name):
     assert named in str(error.value)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_expert_bias_exports_while_zero_and_is_refused_once_it_selects(family):
+    model = _patched(family, H.LinearRouterConfig(expert_bias_update_rate=1e-3))
+    inputs = model_inputs(family)
+    exported = export_to_family(model)  # a zero bias selects like no bias
+    assert not any(name.endswith(".expert_bias") for name in exported.state_dict())
+    with torch.no_grad():
+        assert torch.equal(exported(**inputs).logits, model(**inputs).logits)
+    routers = [m for m in model.modules() if isinstance(m, H.modeling.RoutedRouterMixin)]
+    with torch.no_grad():
+        bias = routers[0].selection_bias()
+        bias.copy_(torch.linspace(-0.5, 0.5, bias.numel()))
+    if family == "deepseek_v3":  # its host buffer e_score_correction_bias carries the bias
+        exported = export_to_family(model)
+        with torch.no_grad():
+            assert torch.equal(exported(**inputs).logits, model(**inputs).logits)
+    else:
+        with pytest.raises(ValueError, match="trained expert bias .* cannot express"):
+            export_to_family(model)
+
+
 def test_a_model_that_is_not_routed_is_refused():
     with pytest.raises(ValueError, match="needs a routed model"):
         export_to_family(tiny_model("mixtral"))

@@ -145,6 +145,30 @@ def test_patch_reports_agreement_and_distillation_raises_it():
             assert torch.equal(param, reference.get_parameter(name)), name
 
 
+def test_distilling_a_router_that_starts_exact_keeps_it_exact():
+    # SR-MoE linear copies the gate: the KL starts at rounding noise, which Adam turns into
+    # lr-sized steps; keep_best measures the KL before and after and keeps the exact start.
+    batches = [model_inputs("mixtral", batch=4, seq=16, seed=s) for s in range(2)]
+
+    def distilled(keep_best):
+        model = H.patch_moe_routers(tiny_model("mixtral", gate_std=0.5), H.SRMoEConfig())
+        start = {n: p.detach().clone() for n, p in model.named_parameters() if ".scorer." in n}
+        H.distill_router(model, batches, steps=30, lr=1e-2, keep_best=keep_best)
+        return [torch.equal(p, start[n]) for n, p in model.named_parameters() if n in start]
+
+    assert all(distilled(keep_best=True))
+    assert not all(distilled(keep_best=False))  # the pathology keep_best guards against
+
+
+def test_distillation_that_improves_the_fit_is_kept():
+    model = tiny_model("mixtral", gate_std=0.5)
+    batches = [model_inputs("mixtral", batch=4, seq=16, seed=s) for s in range(2)]
+    model = H.patch_moe_routers(model, H.L2RConfig(rank=6, num_anchors=4))
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if ".scorer." in n}
+    H.distill_router(model, batches, steps=50)
+    assert any(not torch.equal(p, start[n]) for n, p in model.named_parameters() if n in start)
+
+
 def test_report_on_random_inputs_and_given_hidden_states():
     _, (model, report) = None, H.patch_moe_routers(tiny_model("olmoe"), H.SRMoEConfig(), return_report=True)
     assert report.mean_topk_agreement == 1.0 and "random" in report.source

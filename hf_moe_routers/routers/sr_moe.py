@@ -114,9 +114,29 @@ class SRMoEScorer(RouterScorer):
         # set yet" (a configured c is > 0) and a zero vector "power iteration not started". They
         # are filled from the routing matrix by ``init_from_dense`` or, for a from-scratch model,
         # the first time the router runs (``_ensure_calibrated``): σ of the matrix training starts from.
-        self.register_buffer("spectral_bound", torch.full((), self._configured_bound()))
-        self.register_buffer("power_u", torch.zeros(num_experts))
+        # float32 whatever the model's dtype (see ``_apply``); an explicit dtype also wins over the
+        # default dtype transformers sets while it builds a model for ``from_pretrained(dtype=...)``,
+        # and the loader then keeps the checkpoint's float32 values.
+        self.register_buffer("spectral_bound", torch.full((), self._configured_bound(), dtype=torch.float32))
+        self.register_buffer("power_u", torch.zeros(num_experts, dtype=torch.float32))
         self._calibrated = False
+
+    #: Buffers kept in float32: c = σ_max rounded to bf16 falls below σ about every other time, so
+    #: ``constrain`` would rescale the patched gate (and ``penalty`` be non-zero) at step 0.
+    _FLOAT32_BUFFERS = ("spectral_bound", "power_u")
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - torch's signature
+        before = {name: self._buffers.get(name) for name in self._FLOAT32_BUFFERS}
+        result = super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers.get(name)
+            if old is None or new is None or new.dtype == torch.float32:
+                continue
+            # Re-take the value from before the cast when it was float32: casting back would keep
+            # the rounding.
+            source = old if old.dtype == torch.float32 else new
+            self._buffers[name] = source.to(device=new.device, dtype=torch.float32)
+        return result
 
     # -- calibration of the buffers -------------------------------------------------------------
     def _configured_bound(self) -> float:
