@@ -48,6 +48,11 @@ _EXPORTS: dict[str, str] = {
     "RouterConfig": "routers",
     "SRMoEConfig": "routers",
     "supported_families": "modeling",
+    "CapturedRouting": "modeling",
+    "capture_routing": "modeling",
+    "replay_routing": "modeling",
+    "update_expert_biases": "modeling",
+    "RoutingMetrics": "metrics",
     **{
         f"Routed{family}{suffix}": "modeling"
         for family in ("DeepseekV3", "GptOss", "Mixtral", "Olmoe", "Qwen2Moe", "Qwen3Moe")
@@ -97,7 +102,9 @@ if TYPE_CHECKING:  # what static tools and IDEs see; at run time the names resol
     from .distillation import distill_router
     from .export import export_to_family
     from .kernels import register_experts_implementation
+    from .metrics import RoutingMetrics
     from .modeling import (
+        CapturedRouting,
         RoutedDeepseekV3Config,
         RoutedDeepseekV3ForCausalLM,
         RoutedDeepseekV3Model,
@@ -120,13 +127,17 @@ if TYPE_CHECKING:  # what static tools and IDEs see; at run time the names resol
         RoutedSwitchTransformersEncoderModel,
         RoutedSwitchTransformersForConditionalGeneration,
         RoutedSwitchTransformersModel,
+        capture_routing,
+        replay_routing,
         supported_families,
+        update_expert_biases,
     )
     from .modeling.publishing import push_folder_to_hub, push_routed_to_hub, save_routed_pretrained
     from .patching import PatchReport, drop_reference_gates, patch_moe_routers, routing_agreement
     from .routers import CosineRouterConfig, L2RConfig, LinearRouterConfig, RouterConfig, SRMoEConfig
 
 __all__ = [
+    "CapturedRouting",
     "CosineRouterConfig",
     "L2RConfig",
     "LinearRouterConfig",
@@ -154,7 +165,10 @@ __all__ = [
     "RoutedSwitchTransformersForConditionalGeneration",
     "RoutedSwitchTransformersModel",
     "RouterConfig",
+    "RoutingMetrics",
     "SRMoEConfig",
+    "__version__",
+    "capture_routing",
     "distill_router",
     "drop_reference_gates",
     "export_to_family",
@@ -162,8 +176,9 @@ __all__ = [
     "push_folder_to_hub",
     "push_routed_to_hub",
     "register_experts_implementation",
-    "__version__",
+    "replay_routing",
     "routing_agreement",
     "save_routed_pretrained",
     "supported_families",
+    "update_expert_biases",
 ]

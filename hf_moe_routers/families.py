@@ -184,14 +184,35 @@ class FamilyAdapter:
         return output[self.logits_index].reshape(-1, num_experts)
 
     def output_indices(
-        self, output: tuple[torch.Tensor, ...], logits_TE: torch.Tensor, top_k: int
+        self,
+        output: tuple[torch.Tensor, ...],
+        logits_TE: torch.Tensor,
+        top_k: int,
+        router: nn.Module | None = None,
     ) -> torch.Tensor:
         """The experts ``[T, K]`` a router selected: its own choice when it returns one (which
-        follows the family's selection rule, e.g. DeepSeek-V3's corrected, group-limited top-k),
-        else the top-k of its logits (Switch: top-1, the argmax its dispatch mask encodes)."""
+        follows the family's selection rule, e.g. DeepSeek-V3's corrected, group-limited top-k).
+
+        Switch returns none: its one-hot dispatch mask (``output[0]``) gives the expert of every
+        token it kept, and the top-k of the logits that of a token dropped over capacity. A routed
+        Switch router knows every token's choice (also with an expert bias, or a replayed routing):
+        pass it as ``router`` (the forward hook's module, right after its call) and its own rule
+        (``top1_choice``) gives it.
+        """
+        num_tokens = logits_TE.shape[0]
         if self.indices_index is not None:
-            return output[self.indices_index].reshape(logits_TE.shape[0], -1)
-        return logits_TE.detach().topk(top_k, dim=-1).indices
+            return output[self.indices_index].reshape(num_tokens, -1)
+        top1_choice = getattr(router, "top1_choice", None)
+        if top1_choice is not None:
+            with torch.no_grad():
+                return top1_choice(logits_TE.detach())[0].reshape(num_tokens, 1)
+        chosen_TK = logits_TE.detach().topk(top_k, dim=-1).indices
+        mask = output[0]
+        if top_k == 1 and mask.numel() == logits_TE.numel():
+            mask_TE = mask.detach().reshape(num_tokens, -1)
+            kept_T1 = mask_TE.amax(dim=-1, keepdim=True) > 0
+            chosen_TK = torch.where(kept_T1, mask_TE.argmax(dim=-1, keepdim=True), chosen_TK)
+        return chosen_TK
 
     def router_logits(self, router: nn.Module, x_TH: torch.Tensor) -> torch.Tensor:
         """Logits ``[T, E]`` of ``router`` (host or routed) for router inputs ``x_TH [T, H]``."""

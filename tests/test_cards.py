@@ -179,3 +179,30 @@ def test_trainer_save_model_card_is_rendered_from_the_run(tmp_path):
 @pytest.mark.parametrize("count, text", [(44196, "44,196"), (12_345_678, "12,345,678 (12.35M)")])
 def test_parameter_count_is_exact(count, text):
     assert cards.card_sections.format_parameter_count(count) == text
+
+
+def test_card_shows_specialisation_metrics_and_domains_when_the_metrics_have_them():
+    from hf_moe_routers.metrics.catalog import METRIC_DESCRIPTIONS
+
+    metrics = {
+        "eval_router/load_entropy": 0.9,
+        "eval_router/load_entropy/layer_0": 0.9,
+        "eval_router/router_saturation": 0.75,
+        "eval_router/router_saturation/layer_0": 0.75,
+        "eval_router/vocab_specialisation/layer_0": 0.5,
+        "eval_router/token_expert_mi/layer_0": "nan",  # a layer without a value: "–"
+        "eval_router_domains/Julius Caesar/domain_tv": 0.125,
+        "eval_router_domains/Julius Caesar/domain_kl": 0.0123456,
+        "eval_router_domains/The Comedy of Errors/domain_tv": 0.25,
+    }
+    text = cards.build_model_card(tiny_model("olmoe"), metrics=metrics).text
+    assert "| router_saturation | 0.75 | 0.75 |" in text
+    assert "| vocab_specialisation | 0.5 | 0.5 |" in text and "| token_expert_mi | – | – |" in text
+    # Canonical order: the load metric before the specialisation rows; their legend from the catalog.
+    assert text.index("| load_entropy |") < text.index("| router_saturation |")
+    assert f"`router_saturation`: {METRIC_DESCRIPTIONS['router_saturation']}" in text
+    assert "| domain | domain_tv | domain_kl |" in text
+    assert "| Julius Caesar | 0.125 | 0.01235 |" in text and "| The Comedy of Errors | 0.25 | – |" in text
+    # Without domain keys there is no domain table.
+    plain = cards.build_model_card(tiny_model("olmoe"), metrics={"eval_router/load_entropy": 0.9}).text
+    assert "| domain |" not in plain

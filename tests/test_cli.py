@@ -369,9 +369,31 @@ def test_inspect_metrics_match_a_direct_computation(text_model, tmp_path, capsys
     mean = (report["layers"]["layer_0"]["load_cv"] + report["layers"]["layer_1"]["load_cv"]) / 2
     assert report["mean"]["load_cv"] == pytest.approx(mean)
 
+    # --text_file: no domains; no --reference: no saturation; the rest of the specialisation is there.
+    special = report["specialisation"]
+    assert special["reference"] is None and special["domains"] is None and special["domain_report"] is None
+    assert "router_saturation" not in report["mean"] and "domain_tv" not in report["mean"]
+    for layer in range(2):
+        logits = torch.cat([o.router_logits[layer] for o in outputs]).float()
+        chosen = logits.topk(2, dim=-1).indices
+        num_experts = logits.shape[-1]
+        probs = M.coactivation(M.coactivation_counts(chosen, num_experts))
+        values = report["layers"][f"layer_{layer}"]
+        assert values["coactivation_top_partner"] == pytest.approx(float(M.coactivation_top_partner(probs)))
+        table = M.token_expert_counts(blocks.reshape(-1), chosen, num_experts).counts_VE
+        assert values["vocab_specialisation"] == pytest.approx(
+            float(M.vocabulary_specialisation(table, 2, 5))
+        )
+        mi = M.mutual_information(table, unit="bits", miller_madow=True)
+        assert values["token_expert_mi"] == pytest.approx(float(mi), abs=1e-6)
+        top = special["coactivation_top_pairs"][f"layer_{layer}"]
+        assert top[0]["p"] == pytest.approx(float(probs.fill_diagonal_(float("nan")).nan_to_num(-1).max()))
+
     assert main(argv) == 0
     table = capsys.readouterr().out
-    assert '"router_type": "l2r"' in table and table.count("\nlayer_") == 2 and "\nmean " in table
+    assert '"router_type": "l2r"' in table and "\nmean " in table
+    # The metric table and the specialisation table: one row per layer each.
+    assert table.count("\nlayer_") == 4 and "expert specialisation" in table and "co-activation" in table
 
 
 def test_inspect_an_unpatched_checkpoint_and_bad_input(text_model, olmoe_folder, capsys):
@@ -383,6 +405,114 @@ def test_inspect_an_unpatched_checkpoint_and_bad_input(text_model, olmoe_folder,
         ["inspect", str(text_model["model"]), "--text_file", str(text_model["root"] / "none.txt")], capsys
     )
     assert "--text_file" in err
+
+
+def _routed_copy(text_model, folder: Path, *, perturb: float = 0.0) -> Path:
+    """The tiny Mixtral patched with L2R routers, saved with its tokenizer (router noise optional)."""
+    model = H.patch_moe_routers(
+        AutoModelForCausalLM.from_pretrained(text_model["model"]), H.L2RConfig(rank=8, num_anchors=2)
+    )
+    if perturb:
+        generator = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if ".gate." in name:
+                    parameter.add_(perturb * torch.randn(parameter.shape, generator=generator))
+    modeling.save_routed_pretrained(model, folder)
+    shutil.copy(text_model["model"] / "tokenizer.json", folder)
+    shutil.copy(text_model["model"] / "tokenizer_config.json", folder)
+    return folder
+
+
+def test_inspect_reference_gives_router_saturation(text_model, tmp_path, capsys):
+    folder = _routed_copy(text_model, tmp_path / "routed")
+    changed = _routed_copy(text_model, tmp_path / "changed", perturb=1.0)
+    argv = ["inspect", str(folder), "--text_file", str(text_model["text"]), "--block_size", "16"]
+    argv += ["--max_blocks", "6", "--json"]
+    assert main([*argv, "--reference", str(folder)]) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert same["specialisation"]["reference"] == str(folder)
+    assert same["mean"]["router_saturation"] == 1.0
+    assert all(same["layers"][layer]["router_saturation"] == 1.0 for layer in ("layer_0", "layer_1"))
+    assert main([*argv, "--reference", str(changed)]) == 0
+    other = json.loads(capsys.readouterr().out)
+    assert other["mean"]["router_saturation"] < 1.0
+
+    # The same number from the two models' own recorded routing.
+    blocks = _blocks(text_model["model"], text_model["text"], 16, 6)
+    models = [AutoModelForCausalLM.from_pretrained(f).eval() for f in (folder, changed)]
+    with torch.no_grad():
+        routed = [m(input_ids=blocks, output_router_logits=True).router_logits for m in models]
+    for layer in range(2):
+        mine, theirs = (r[layer].topk(2, dim=-1).indices for r in routed)
+        expected = float(M.router_saturation(mine, theirs))
+        assert other["layers"][f"layer_{layer}"]["router_saturation"] == pytest.approx(expected)
+
+    plain = ["inspect", str(folder), "--text_file", str(text_model["text"]), "--block_size", "16"]
+    assert main([*plain, "--max_blocks", "2", "--reference", str(changed)]) == 0
+    assert "saturation against" in capsys.readouterr().out
+    assert "is not a folder" in run_error([*argv, "--reference", str(tmp_path / "none")], capsys)
+
+
+def test_inspect_bundled_plays_are_domains_and_the_card_shows_them(text_model, tmp_path, capsys):
+    folder = _routed_copy(text_model, tmp_path / "routed")
+    metrics_file = tmp_path / "out" / "routing_metrics.json"
+    plot = tmp_path / "co.png"
+    argv = ["inspect", str(folder), "--block_size", "32", "--max_blocks", "8", "--batch_size", "3"]
+    argv += ["--output_metrics", str(metrics_file), "--plot_coactivation", str(plot), "--min_count", "2"]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    plays = [e["title"] for e in data_utils.bundled_corpus_manifest()["splits"]["validation"]]
+    special = report["specialisation"]
+    assert special["min_count"] == 2 and list(special["domain_report"]) == plays
+    assert sum(row["tokens"] for row in special["domain_report"].values()) == 8 * 32
+    for name in ("domain_tv", "domain_kl"):
+        assert 0.0 <= report["mean"][name] and name in report["layers"]["layer_0"]
+    assert plot.is_file()
+    written = json.loads(metrics_file.read_text())
+    assert written["eval_router/domain_tv"] == pytest.approx(report["mean"]["domain_tv"])
+    assert written["eval_router/load_entropy/layer_1"] == report["layers"]["layer_1"]["load_entropy"]
+    assert f"eval_router_domains/{plays[0]}/domain_kl" in written
+    # The card of the folder renders those values: the table rows and the per-play table.
+    assert main(["card", str(folder), "--metrics", str(metrics_file), "--print"]) == 0
+    card = capsys.readouterr().out
+    assert "| vocab_specialisation |" in card and "| domain_tv |" in card
+    assert f"| {plays[0]} |" in card and "`token_expert_mi`: mutual information" in card
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "domains: the bundled held-out plays" in out and all(title in out for title in plays)
+
+
+def test_bundled_domain_blocks_follow_the_token_blocks(text_model):
+    from transformers import AutoTokenizer
+
+    from hf_moe_routers.cli.commands import bundled_domain_blocks
+    from hf_moe_routers.cli.loading import text_blocks
+
+    tokenizer = AutoTokenizer.from_pretrained(text_model["model"])
+    # A capped run keeps evenly spaced blocks, the same ones of both.
+    full_blocks = text_blocks(None, tokenizer, 32, 10**6, len(tokenizer))
+    _, full_domains = bundled_domain_blocks(tokenizer, 32, 10**6)
+    pick = torch.arange(8) * full_blocks.shape[0] // 8
+    capped = text_blocks(None, tokenizer, 32, 8, len(tokenizer))
+    assert torch.equal(capped, full_blocks[pick])
+    assert torch.equal(bundled_domain_blocks(tokenizer, 32, 8)[1], full_domains[pick])
+    for block_size, max_blocks in ((32, 8), (64, 10**6)):
+        blocks = text_blocks(None, tokenizer, block_size, max_blocks, len(tokenizer))
+        titles, domains = bundled_domain_blocks(tokenizer, block_size, max_blocks)
+        assert len(titles) == 2 and domains.shape == blocks.shape
+        stream, ids = domains.reshape(-1), blocks.reshape(-1)
+        assert bool((stream[1:] >= stream[:-1]).all()) and set(stream.tolist()) == {0, 1}
+        if max_blocks > blocks.shape[0]:  # every block: the play changes right after its EOS
+            change = int((stream[1:] != stream[:-1]).nonzero()[0]) + 1
+            assert int(ids[change - 1]) == tokenizer.eos_token_id
+
+
+def test_inspect_min_count_default_is_the_metrics_default():
+    from hf_moe_routers.cli import build_parser
+
+    _, parsers = build_parser()
+    assert parsers["inspect"].get_default("min_count") == M.DEFAULT_MIN_COUNT
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,13 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 from hf_moe_routers import metrics as M
 from hf_moe_routers.cards import card_sections
 from hf_moe_routers.cli.commands import inspect_metrics
-from hf_moe_routers.metrics.catalog import BATCH_METRICS, LOAD_METRICS, ROUTER_METRICS, ROUTING_METRICS
+from hf_moe_routers.metrics.catalog import (
+    BATCH_METRICS,
+    LOAD_METRICS,
+    ROUTER_METRICS,
+    ROUTING_METRICS,
+    SPECIALISATION_METRICS,
+)
 from hf_moe_routers.reporting import (
     RouterCapture,
     RouterCollector,
@@ -124,7 +130,10 @@ def test_report_measures_parameters_with_or_without_inputs():
         captures.append(RouterCapture(logits_TE, logits_TE.topk(2, dim=-1).indices, x_TH))
     with_inputs, loads = report_captures(routers, captures, scoring=routing_scoring(model))
     without, _ = report_captures(routers, captures, measure_inputs=False)
-    assert set(with_inputs) == {spec.name for spec in ROUTING_METRICS if spec.group != "penalty"}
+    # Specialisation metrics need token-level inputs a capture does not have (SpecialisationAccumulator).
+    assert set(with_inputs) == {
+        spec.name for spec in ROUTING_METRICS if spec.group not in ("penalty", "specialisation")
+    }
     assert len(loads) == len(routers) and all(sum(row) == pytest.approx(1.0) for row in loads)
     for spec in ROUTING_METRICS:
         if spec.group != "router":
@@ -143,7 +152,8 @@ def test_the_catalog_is_the_card_order_and_partitions_the_metrics():
     names = [spec.name for spec in ROUTING_METRICS]
     assert len(set(names)) == len(names)
     assert list(card_sections.METRIC_DESCRIPTIONS) == names
-    assert sorted([*BATCH_METRICS, *LOAD_METRICS, *ROUTER_METRICS, "reg_loss"]) == sorted(names)
+    groups = [*BATCH_METRICS, *LOAD_METRICS, *ROUTER_METRICS, *SPECIALISATION_METRICS, "reg_loss"]
+    assert sorted(groups) == sorted(names)
 
 
 def test_the_load_accumulator_takes_layers_of_different_widths():
@@ -174,3 +184,41 @@ def test_routers_and_metrics_share_one_matrix_statistic():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with M.no_autocast("cpu"):
             assert not torch.is_autocast_enabled("cpu")
+
+
+def test_specialisation_helpers_read_a_window_of_captures():
+    from hf_moe_routers.reporting import (
+        add_specialisation,
+        coactivation_pairs,
+        domain_report,
+        specialisation_report,
+        specialisation_window,
+    )
+
+    routers = RouterCollector(tiny_model("mixtral")).routers  # 2 layers, E = 6
+    window = specialisation_window(routers, num_domains=2)
+    chosen = torch.tensor([[0, 1], [0, 1], [2, 0], [3, 4]])
+    captures = [RouterCapture(torch.zeros(4, 6), chosen, torch.empty(0, 0)), None]  # layer 1 did not run
+    add_specialisation(window, captures, torch.tensor([7, 7, 8, 9]), domain_ids=torch.tensor([0, 0, 1, 1]))
+    assert window.tokens_L.tolist() == [4, 0]
+    # A window whose second layer saw nothing: read the first layer alone.
+    one = specialisation_window(routers[:1], num_domains=2)
+    add_specialisation(one, captures[:1], torch.tensor([7, 7, 8, 9]), domain_ids=torch.tensor([0, 0, 1, 1]))
+    values = specialisation_report(one, min_count=2)
+    # No reference: no saturation; id 7 (twice, always experts 0 and 1) is the only id kept.
+    assert list(values) == [
+        "coactivation_top_partner",
+        "vocab_specialisation",
+        "token_expert_mi",
+        "domain_tv",
+        "domain_kl",
+    ]
+    assert values["vocab_specialisation"] == [1.0]
+    # P(1 | 0) = 2/3, P(0 | 1) = 1, P(0 | 2) = 1, ...: largest first, ties by a then b.
+    assert [(p["a"], p["b"]) for p in coactivation_pairs(one, top=4)[0]] == [(1, 0), (2, 0), (3, 4), (4, 3)]
+    domains = domain_report(one, ["first", "second"])
+    assert domains["first"]["tokens"] == 2 and domains["second"]["tokens"] == 2
+    expected = M.domain_specialisation(M.domain_expert_counts(chosen, torch.tensor([0, 0, 1, 1]), 2, 6))
+    assert domains["second"]["domain_tv"] == [pytest.approx(float(expected.tv_D[1]))]
+    with pytest.raises(ValueError, match="names"):
+        domain_report(one, ["only"])

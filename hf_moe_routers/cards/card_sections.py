@@ -26,6 +26,7 @@ __all__ = [
     "as_float",
     "as_list",
     "dataset_summary",
+    "domain_rows",
     "eval_summary",
     "format_parameter_count",
     "format_value",
@@ -264,6 +265,26 @@ def routing_metrics_table(
                 per_layer,
             )
     return None
+
+
+#: Prefix of the per-domain keys ``hf-moe-routers inspect --output_metrics`` writes:
+#: ``eval_router_domains/<domain>/<metric>`` (mean over layers).
+DOMAIN_PREFIX = "eval_router_domains/"
+DOMAIN_METRICS = ("domain_tv", "domain_kl")
+
+
+def domain_rows(metrics: Mapping[str, Any] | None) -> list[dict[str, str]]:
+    """The per-domain specialisation rows of a card, ``{"domain", "domain_tv", "domain_kl"}``
+    formatted, in the order the metrics dict lists the domains (empty when it has none)."""
+    rows: dict[str, dict[str, str]] = {}
+    for key, value in (metrics or {}).items():
+        if not key.startswith(DOMAIN_PREFIX):
+            continue
+        domain, _, name = key[len(DOMAIN_PREFIX) :].rpartition("/")
+        if domain and name in DOMAIN_METRICS:
+            row = rows.setdefault(domain, {"domain": domain, **{n: "–" for n in DOMAIN_METRICS}})
+            row[name] = format_value(value)
+    return list(rows.values())
 
 
 def eval_summary(metrics: Mapping[str, Any] | None) -> list[tuple[str, str]]:

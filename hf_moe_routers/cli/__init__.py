@@ -6,7 +6,8 @@ Commands:
     finetune     patch a saved MoE checkpoint, optionally distil, fine-tune, save
     bench        run a benchmark script of ``benchmarks/`` (a source checkout)
     card         render the model card (README.md) of a saved model folder
-    inspect      print a saved model's router config and its routing metrics on a text
+    inspect      print a saved model's router config, its routing metrics and expert specialisation
+                 on a text (saturation against ``--reference``, domains = the bundled plays)
     export       save a routed model whose routers are linear in form as a plain family checkpoint
     patch-demo   patch, distil, save and reload a tiny Mixtral with every router
 
@@ -136,6 +137,32 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     inspect.add_argument("--max_blocks", type=int, default=16)
     inspect.add_argument("--batch_size", type=int, default=8)
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.add_argument(
+        "--reference",
+        default=None,
+        metavar="PATH",
+        help="a saved checkpoint of the same architecture (e.g. the final one): router saturation, "
+        "the share of each token's top-k that it also picks on the same tokens",
+    )
+    inspect.add_argument(
+        "--min_count",
+        type=int,
+        default=5,
+        help="vocabulary specialisation counts token ids seen at least this often (default: 5)",
+    )
+    inspect.add_argument(
+        "--output_metrics",
+        default=None,
+        metavar="PATH",
+        help="also write the values as eval_router/<metric>[/<layer>] JSON (routing_metrics.json, "
+        "which `card` reads)",
+    )
+    inspect.add_argument(
+        "--plot_coactivation",
+        default=None,
+        metavar="PNG",
+        help="save the expert co-activation heatmaps P(b | a), one panel per layer",
+    )
 
     bench = parsers["bench"]
     bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")

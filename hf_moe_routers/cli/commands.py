@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -190,14 +191,18 @@ def run_card(args: argparse.Namespace) -> int:
 
 
 def inspect_metrics(
-    model: Any, batches: list[dict[str, Any]]
+    model: Any,
+    batches: list[dict[str, Any]],
+    *,
+    on_batch: Callable[[int, list[Any], list[Any]], None] | None = None,
 ) -> tuple[list[str], dict[str, dict[str, float]], int]:
     """Per-router metrics over every batch: ``(layers, {layer: {metric: value}}, tokens)``.
 
     All batches form one pooled capture per router, reported by ``hf_moe_routers.reporting`` (the
     Trainer's computation, with the family's routing probabilities for ``aux_loss``). Only the
     parameters are measured besides the routing itself, so ``lipschitz_bound`` is the router's
-    global constant (``inf`` where none exists).
+    global constant (``inf`` where none exists). ``on_batch(index, routers, captures)`` sees each
+    batch's captures as they come (``inspect``'s specialisation counts).
     """
     import torch
 
@@ -208,13 +213,16 @@ def inspect_metrics(
     indices: list[list[torch.Tensor]] = [[] for _ in collector.routers]
     try:
         with torch.no_grad():
-            for batch in batches:
+            for index, batch in enumerate(batches):
                 collector.start()
                 model(**batch)
-                for i, capture in enumerate(collector.stop()):
+                captures = collector.stop()
+                for i, capture in enumerate(captures):
                     if capture is not None:
                         logits[i].append(capture.logits_TE.float())
                         indices[i].append(capture.indices_TK)
+                if on_batch is not None:
+                    on_batch(index, collector.routers, captures)
     finally:
         collector.remove()
     ran = [i for i in range(len(collector.routers)) if logits[i]]
@@ -231,9 +239,140 @@ def inspect_metrics(
     return list(results), results, tokens
 
 
-def _json_values(values: dict[str, float]) -> dict[str, float | str]:
+def routed_indices(model: Any, batches: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Each router's top-k choices on each batch: ``(layer names, [batch][router] -> [T, K] or None)``."""
+    import torch
+
+    from ..reporting import RouterCollector
+
+    collector = RouterCollector(model)
+    chosen: list[list[Any]] = []
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                collector.start()
+                model(**batch)
+                chosen.append([None if c is None else c.indices_TK.clone() for c in collector.stop()])
+    finally:
+        collector.remove()
+    return [info.layer for info in collector.routers], chosen
+
+
+def bundled_domain_blocks(tokenizer: Any, block_size: int, max_blocks: int) -> tuple[list[str], Any]:
+    """The play of every token of the default ``inspect`` text: ``(play titles, ids [N, block_size])``.
+
+    The blocks are those ``text_blocks(None, ...)`` builds from the bundled held-out plays (each
+    play's tokens then EOS, concatenated, cut, ``max_blocks`` evenly spaced), with each token
+    replaced by the index of its play in ``titles`` (the EOS after a play belongs to that play).
+    """
+    import torch
+
+    from .. import data_utils
+
+    entries = data_utils.bundled_corpus_manifest()["splits"]["validation"]
+    texts = data_utils.bundled_corpus()["validation"]
+    titles, lengths = [], []
+    for entry, text in zip(entries, texts):
+        if not text.strip():
+            continue  # build_lm_datasets skips empty documents too
+        ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)
+        titles.append(entry["title"])
+        lengths.append(len(ids["input_ids"]) + 1)
+    stream = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    num_blocks = stream.numel() // block_size
+    blocks = stream[: num_blocks * block_size].view(num_blocks, block_size)
+    if max_blocks < num_blocks:
+        blocks = blocks[torch.arange(max_blocks) * num_blocks // max_blocks]
+    return titles, blocks
+
+
+def _json_number(value: float) -> float | str:
     """JSON has no inf/NaN: write them as strings ("inf"), as routing_metrics.json does."""
-    return {k: v if math.isfinite(v) else str(v) for k, v in values.items()}
+    return value if math.isfinite(value) else str(value)
+
+
+def _json_values(values: dict[str, float]) -> dict[str, float | str]:
+    """:func:`_json_number` of every value."""
+    return {k: _json_number(v) for k, v in values.items()}
+
+
+class _Specialisation:
+    """``inspect``'s specialisation counts, fed batch by batch from ``inspect_metrics``' captures."""
+
+    def __init__(
+        self,
+        batches: list[dict[str, Any]],
+        *,
+        domain_blocks: Any = None,
+        domain_names: list[str] | None = None,
+        batch_size: int,
+        reference: tuple[list[str], list[list[Any]]] | None = None,
+    ):
+        self.batches = batches
+        self.domain_blocks = domain_blocks
+        self.domain_names = domain_names or []
+        self.batch_size = batch_size
+        self.reference = reference
+        self.window: Any = None
+        self.layers: list[str] = []
+        self.slot_of: dict[int, int] = {}  # router index -> the window's layer
+
+    def __call__(self, index: int, routers: list[Any], captures: list[Any]) -> None:
+        from ..reporting import add_specialisation, specialisation_window
+
+        if self.window is None:  # the routers that run: what inspect_metrics reports
+            ran = [i for i, capture in enumerate(captures) if capture is not None]
+            self.slot_of = {i: j for j, i in enumerate(ran)}
+            self.layers = [routers[i].layer for i in ran]
+            self.window = specialisation_window([routers[i] for i in ran], num_domains=len(self.domain_names))
+            if self.reference is not None:
+                missing = sorted(set(self.layers) - set(self.reference[0]))
+                if missing:
+                    raise CommandError(
+                        f"--reference has no router for layer(s) {', '.join(missing)}: "
+                        "it must be a checkpoint of the same architecture."
+                    )
+        kept = [captures[i] for i in self.slot_of]
+        token_ids = self.batches[index]["input_ids"].reshape(-1)
+        domains = None
+        if self.domain_blocks is not None:
+            start = index * self.batch_size
+            domains = self.domain_blocks[start : start + self.batch_size].reshape(-1)
+        references = None
+        if self.reference is not None:
+            names, chosen = self.reference
+            references = [chosen[index][names.index(layer)] for layer in self.layers]
+            for layer, mine, theirs in zip(self.layers, kept, references):
+                if mine is not None and (theirs is None or theirs.shape != mine.indices_TK.shape):
+                    got = "nothing" if theirs is None else f"top-k {tuple(theirs.shape)}"
+                    raise CommandError(
+                        f"--reference routed {got} at {layer} where the model routed top-k "
+                        f"{tuple(mine.indices_TK.shape)}: it must have the same experts per token."
+                    )
+        add_specialisation(self.window, kept, token_ids, domain_ids=domains, reference_indices=references)
+
+
+def _inspect_reference(path: str, vocab_size: int, batches: list[dict[str, Any]]) -> tuple[list[str], list]:
+    """The reference checkpoint's routing of ``batches`` (``--reference``); the model is freed after."""
+    folder = model_folder(path)
+    reference_vocab = load_config(folder).vocab_size
+    if reference_vocab != vocab_size:
+        raise CommandError(
+            f"--reference {path!r} has a vocabulary of {reference_vocab} tokens but the model has "
+            f"{vocab_size}: router saturation compares the routing of the same tokens."
+        )
+    return routed_indices(load_model(folder), batches)
+
+
+def _column_table(layers: list[str], values: dict[str, list[float]], means: dict[str, float]) -> list[str]:
+    names = list(values)
+    width = max(len("layer"), *(len(layer) for layer in layers))
+    widths = [max(16, len(name) + 1) for name in names]  # 16: the table inspect always printed
+    lines = [f"{'layer':<{width}}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths))]
+    for i, layer in enumerate([*layers, "mean"]):
+        row = [means[n] if layer == "mean" else values[n][i] for n in names]
+        lines.append(f"{layer:<{width}}" + "".join(f"{v:>{w}.4g}" for v, w in zip(row, widths)))
+    return lines
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -242,6 +381,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     from ..modeling import FAMILIES
 
     folder = model_folder(args.model_path)
+    if args.min_count < 1:
+        raise CommandError(f"--min_count must be at least 1; got {args.min_count}.")
     # The text is checked (tokenizer, length against --block_size) before the weights are loaded:
     # a bad text is answered at once, without a loading bar in front of the error.
     vocab_size = load_config(folder).vocab_size  # also refuses an unsupported family
@@ -249,19 +390,71 @@ def run_inspect(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise CommandError(f"{str(folder)!r} has no tokenizer files; pass --tokenizer PATH.")
     blocks = text_blocks(args.text_file, tokenizer, args.block_size, args.max_blocks, vocab_size)
+    domain_names, domain_blocks = None, None
+    if args.text_file is None:  # the bundled held-out plays: each play is a domain
+        domain_names, domain_blocks = bundled_domain_blocks(tokenizer, args.block_size, args.max_blocks)
+        if domain_blocks.shape != blocks.shape:  # pragma: no cover - the same recipe as text_blocks
+            domain_names, domain_blocks = None, None
+    if args.reference is not None:
+        model_folder(args.reference)  # a bad path is answered before any weights load
     model = load_model(folder)
-    layers, per_layer, tokens = inspect_metrics(model, token_batches(model, blocks, args.batch_size))
+    batches = token_batches(model, blocks, args.batch_size)
+    reference = None
+    if args.reference is not None:
+        reference = _inspect_reference(args.reference, vocab_size, batches)
+    special = _Specialisation(
+        batches,
+        domain_blocks=domain_blocks,
+        domain_names=domain_names,
+        batch_size=args.batch_size,
+        reference=reference,
+    )
+    layers, per_layer, tokens = inspect_metrics(model, batches, on_batch=special)
     config = model.config
     model_type = model_type_of(config)
     adapter = FAMILIES[model_type]
     routed = model_type == adapter.routed_model_type
     router = config.router_config.to_dict() if routed else None
-    from ..reporting import mean_over_layers
+    from ..reporting import coactivation_pairs, domain_report, mean_over_layers, specialisation_report
 
     means = {
         name: mean_over_layers([v[name] for v in per_layer.values()])
         for name in inspect_columns()
         if per_layer
+    }
+    special_values: dict[str, list[float]] = {}
+    domains: dict[str, dict[str, Any]] = {}
+    pairs: dict[str, list[dict[str, Any]]] = {}
+    if special.window is not None:
+        special_values = specialisation_report(special.window, min_count=args.min_count)
+        if domain_names:
+            domains = domain_report(special.window, domain_names)
+            for row in domains.values():
+                row["mean"] = {name: mean_over_layers(row[name]) for name in ("domain_tv", "domain_kl")}
+        pairs = dict(zip(special.layers, coactivation_pairs(special.window)))
+        if args.plot_coactivation:
+            from ..reporting.plots import plot_coactivation
+
+            plot_coactivation(special.window.coactivation(), special.layers, path=args.plot_coactivation)
+        for name, values in special_values.items():
+            for layer, value in zip(special.layers, values):
+                per_layer[layer][name] = value
+            means[name] = mean_over_layers(values)
+    if args.output_metrics:
+        flat: dict[str, float] = {}
+        for name, mean in means.items():  # the Trainer's eval_router/ keys, which cards read
+            flat[f"eval_router/{name}"] = mean
+            flat.update({f"eval_router/{name}/{layer}": per_layer[layer][name] for layer in layers})
+        for title, row in domains.items():
+            flat.update({f"eval_router_domains/{title}/{n}": v for n, v in row["mean"].items()})
+        Path(args.output_metrics).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_metrics).write_text(json.dumps(_json_values(flat), indent=2, sort_keys=True))
+    settings = {
+        "min_count": args.min_count,
+        "token_expert_mi": "bits, Miller-Madow corrected",
+        "domain_kl": "nats",
+        "reference": args.reference,
+        "domains": "the bundled held-out plays" if domain_names else None,
     }
     if args.json:
         report = {
@@ -271,6 +464,19 @@ def run_inspect(args: argparse.Namespace) -> int:
             "tokens": tokens,
             "layers": {layer: _json_values(values) for layer, values in per_layer.items()},
             "mean": _json_values(means),
+            "specialisation": {
+                **settings,
+                "domain_report": {
+                    title: {
+                        "tokens": row["tokens"],
+                        **{n: [_json_number(v) for v in row[n]] for n in ("domain_tv", "domain_kl")},
+                        "mean": _json_values(row["mean"]),
+                    }
+                    for title, row in domains.items()
+                }
+                or None,
+                "coactivation_top_pairs": pairs,
+            },
         }
         print(json.dumps(report, indent=2))
         return 0
@@ -282,11 +488,29 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(
         f"routing metrics on {blocks.shape[0]} blocks of {blocks.shape[1]} tokens ({tokens} tokens per router):"
     )
-    width = max(len("layer"), *(len(layer) for layer in layers))
-    print(f"{'layer':<{width}}" + "".join(f"{name:>16}" for name in inspect_columns()))
-    for layer in [*layers, "mean"]:
-        values = means if layer == "mean" else per_layer[layer]
-        print(f"{layer:<{width}}" + "".join(f"{values[name]:>16.4g}" for name in inspect_columns()))
+    columns = {name: [per_layer[layer][name] for layer in layers] for name in inspect_columns()}
+    print("\n".join(_column_table(layers, columns, means)))
+    if special_values:
+        against = f"; saturation against {args.reference}" if args.reference else ""
+        print(
+            f"\nexpert specialisation (vocabulary: ids seen >= {args.min_count} times; MI in bits, "
+            f"Miller-Madow corrected{against}):"
+        )
+        print("\n".join(_column_table(special.layers, special_values, means)))
+    if domains:
+        print(
+            "\ndomains: the bundled held-out plays (each play's load against all plays', mean over layers):"
+        )
+        width = max(len(title) for title in domains)
+        for title, row in domains.items():
+            print(
+                f"  {title:<{width}}  {row['tokens']:>7,} tokens  domain_tv {row['mean']['domain_tv']:.4g}"
+                f"  domain_kl {row['mean']['domain_kl']:.4g}"
+            )
+    if pairs:
+        print("\nstrongest co-activation P(b | a), expert a -> b:")
+        for layer, top in pairs.items():
+            print(f"  {layer}: " + ", ".join(f"{p['a']} -> {p['b']} {p['p']:.3f}" for p in top))
     return 0
 
 

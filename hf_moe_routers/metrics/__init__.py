@@ -23,7 +23,12 @@ Definitions (see ``docs/ROUTERS.md``, "Metrics every run reports"):
 - token entropy ``mean_t H(softmax(l_t)) / log E``; top-1 probability; k-th margin ``l_(k) − l_(k+1)``;
 - spectral norm ``σ_max(W)``; stable rank ``‖W‖_F² / ‖W‖₂²``; angular concentration (mean pairwise
   cosine of rows); flip rate under ``x + ε‖x‖·n``; drift as top-k agreement with a reference;
-- losses: balance ``E · Σ f_e P_e`` (per layer or pooled) and z-loss ``mean logsumexp(l)²``.
+- losses: balance ``E · Σ f_e P_e`` (per layer or pooled) and z-loss ``mean logsumexp(l)²``;
+- specialisation (``specialisation.py``): router saturation ``mean_t |S_t ∩ R_t| / K`` against a
+  reference checkpoint; co-activation ``P(b | a)``; vocabulary specialisation (share of a token id's
+  occurrences at its most frequent expert); domain specialisation (TV / KL of a domain's load to the
+  overall load); ``I(token id; expert)`` with an optional Miller–Madow correction. Streaming:
+  :class:`SpecialisationAccumulator`; an ``evaluate``-style front end: :class:`RoutingMetrics`.
 
 The Lipschitz bound of the logits depends on the scorer's form and is a method of each router
 (``RouterScorer.lipschitz_bound``), built from :func:`spectral_norm`.
@@ -57,17 +62,44 @@ from .losses import (
     routing_probs,
     z_loss,
 )
+from .specialisation import (
+    DEFAULT_MIN_COUNT,
+    DomainSpecialisation,
+    RoutingMetrics,
+    SpecialisationAccumulator,
+    TokenExpertCounts,
+    coactivation,
+    coactivation_counts,
+    coactivation_top_partner,
+    domain_expert_counts,
+    domain_specialisation,
+    mutual_information,
+    router_saturation,
+    token_expert_counts,
+    token_specialisation,
+    vocabulary_specialisation,
+)
 from .stability import FlipRate, flip_rate, topk_agreement, topk_overlap
 from .token import kth_margin, token_entropy, top1_prob
 
 __all__ = [
+    "DEFAULT_MIN_COUNT",
     "METRIC_DESCRIPTIONS",
     "ROUTING_METRICS",
+    "DomainSpecialisation",
     "ExpertLoadAccumulator",
     "FlipRate",
     "MetricSpec",
+    "RoutingMetrics",
+    "SpecialisationAccumulator",
+    "TokenExpertCounts",
     "angular_concentration",
+    "coactivation",
+    "coactivation_counts",
+    "coactivation_top_partner",
     "dead_experts",
+    "domain_expert_counts",
+    "domain_specialisation",
     "expert_counts",
     "flip_rate",
     "kth_margin",
@@ -78,16 +110,21 @@ __all__ = [
     "load_fractions",
     "load_statistics",
     "max_load_ratio",
+    "mutual_information",
     "no_autocast",
     "pooled_load_balance_loss",
     "routing_metrics",
+    "router_saturation",
     "routing_probs",
     "spectral_norm",
     "stable_rank",
     "token_entropy",
+    "token_expert_counts",
+    "token_specialisation",
     "top1_prob",
     "topk_agreement",
     "topk_overlap",
+    "vocabulary_specialisation",
     "z_loss",
 ]
 

@@ -12,7 +12,11 @@ Each metric belongs to one *group*, which says how a value over several micro-ba
   an expert idle in one small batch is not dead);
 - ``router``: computed once per report from the router's parameters and, where the metric says so,
   from a sample of the router inputs of the last micro-batch;
-- ``penalty``: the routers' weighted parameter penalties, averaged over the training micro-batches.
+- ``penalty``: the routers' weighted parameter penalties, averaged over the training micro-batches;
+- ``specialisation``: computed once from token-level counts summed over all micro-batches (a
+  :class:`~hf_moe_routers.metrics.SpecialisationAccumulator`: co-activations, (token id, expert)
+  and (domain, expert) slot counts, top-k overlaps with a reference checkpoint's routing on the same
+  tokens); each needs its own inputs (token ids, domains, a reference) and is absent without them.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ __all__ = [
     "HEADLINE_METRICS",
     "LOAD_METRICS",
     "METRIC_DESCRIPTIONS",
+    "METRIC_GROUPS",
     "ROUTER_METRICS",
     "ROUTING_METRICS",
+    "SPECIALISATION_METRICS",
     "MetricSpec",
     "metric_names",
 ]
@@ -37,7 +43,7 @@ class MetricSpec:
 
     name: str
     description: str
-    group: str  # "batch", "load", "router" or "penalty" (see the module docstring)
+    group: str  # "batch", "load", "router", "penalty" or "specialisation" (see the module docstring)
     needs_inputs: bool = False  # a router metric measured on router inputs (NaN when none were seen)
 
 
@@ -65,16 +71,52 @@ ROUTING_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("query_concentration", "mean pairwise cosine of router queries", "router", needs_inputs=True),
     MetricSpec("expert_concentration", "mean pairwise cosine of expert rows or anchors", "router"),
     MetricSpec("drift", "top-k agreement with the first logged routing", "router", needs_inputs=True),
+    MetricSpec(
+        "router_saturation",
+        "mean share of a token's top-k experts that a reference checkpoint also picks (1 = same routing)",
+        "specialisation",
+    ),
+    MetricSpec(
+        "coactivation_top_partner",
+        "mean over experts of the largest P(b | a), the share of a's tokens also routed to its "
+        "most frequent partner ((K−1)/(E−1) when uniform)",
+        "specialisation",
+    ),
+    MetricSpec(
+        "vocab_specialisation",
+        "occurrence-weighted share of a token id's occurrences routed to its most frequent expert "
+        "(top-k slots, ids seen ≥ min_count times)",
+        "specialisation",
+    ),
+    MetricSpec(
+        "token_expert_mi",
+        "mutual information I(token id; expert) of the top-k slots in bits (Miller–Madow corrected)",
+        "specialisation",
+    ),
+    MetricSpec(
+        "domain_tv",
+        "token-weighted mean total-variation distance of each domain's expert load to the overall load",
+        "specialisation",
+    ),
+    MetricSpec(
+        "domain_kl",
+        "token-weighted mean KL(domain load ‖ overall load) in nats, = I(domain; expert)",
+        "specialisation",
+    ),
     MetricSpec("aux_loss", "load-balancing loss E · Σ f_e P_e", "batch"),
     MetricSpec("z_loss", "router z-loss (mean squared logsumexp)", "batch"),
     MetricSpec("reg_loss", "router parameter penalties (SR-MoE terms)", "penalty"),
 )
 
 
+#: The groups, as the module docstring describes them.
+METRIC_GROUPS: tuple[str, ...] = ("batch", "load", "router", "penalty", "specialisation")
+
+
 def metric_names(group: str) -> tuple[str, ...]:
     """The names of one group's metrics, in canonical order."""
-    if group not in {"batch", "load", "router", "penalty"}:
-        raise ValueError(f"group must be 'batch', 'load', 'router' or 'penalty'; got {group!r}.")
+    if group not in METRIC_GROUPS:
+        raise ValueError(f"group must be one of {', '.join(map(repr, METRIC_GROUPS))}; got {group!r}.")
     return tuple(spec.name for spec in ROUTING_METRICS if spec.group == group)
 
 
@@ -86,6 +128,9 @@ BATCH_METRICS: tuple[str, ...] = metric_names("batch")
 LOAD_METRICS: tuple[str, ...] = metric_names("load")
 #: Parameter and input-sample metrics (the Trainer's "costly" metrics).
 ROUTER_METRICS: tuple[str, ...] = metric_names("router")
+#: Token-level specialisation metrics (``SpecialisationAccumulator.metrics``), each measured only
+#: with its inputs (a reference routing, token ids, domains).
+SPECIALISATION_METRICS: tuple[str, ...] = metric_names("specialisation")
 #: What every routing summary leads with (the training summary, ``inspect``): the window's load,
 #: then how sure the routers are of each token.
 HEADLINE_METRICS: tuple[str, ...] = (*LOAD_METRICS, "token_entropy", "top1_prob")

@@ -24,9 +24,13 @@ from ..families import (
     supported_families,
 )
 from .base import (
+    CapturedRouting,
     RoutedConfigMixin,
     RoutedPreTrainedMixin,
     RoutedRouterMixin,
+    capture_routing,
+    replay_routing,
+    update_expert_biases,
 )
 from .deepseek_v3 import (
     RoutedDeepseekV3Config,
@@ -112,6 +116,9 @@ def register_auto_classes() -> None:
 register_auto_classes()
 
 __all__ = [
+    "CapturedRouting",
+    "capture_routing",
+    "replay_routing",
     "ENTRY_MODULE",
     "RemoteCodeFile",
     "auto_map_for",
@@ -171,4 +178,5 @@ __all__ = [
     "family_for_router",
     "register_auto_classes",
     "supported_families",
+    "update_expert_biases",
 ]

@@ -10,24 +10,34 @@ so parameters, hooks, device and every other model in the process are left alone
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import json
 import os
 import struct
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from transformers import initialization as init
 
 from ..families import FAMILIES, ONE_ELEMENT_PARAMETERS, FamilyAdapter
 from ..routers import RouterConfig, RouterScorer, build_scorer
+from ..routers.base import expert_bias_delta
 
 __all__ = [
+    "CapturedRouting",
     "RoutedConfigMixin",
     "RoutedPreTrainedMixin",
     "RoutedRouterMixin",
     "SoftmaxTopKRoutedRouter",
+    "capture_routing",
     "convert_to_routed",
+    "replay_routing",
+    "update_expert_biases",
 ]
 
 DEFAULT_ROUTER = {"router_type": "linear"}
@@ -46,6 +56,10 @@ class RoutedRouterMixin:
     """
 
     host_gate_attributes: ClassVar[tuple[str, ...]] = ("weight",)
+    #: The buffer holding the aux-loss-free expert bias ``[E]`` float32: ``expert_bias``, created by
+    #: ``attach_scorer`` when the router config enables it; DeepSeek-V3 names its own
+    #: ``e_score_correction_bias``, which its host router always has and adds.
+    expert_bias_attribute: ClassVar[str] = "expert_bias"
     scorer: RouterScorer
 
     def attach_scorer(
@@ -64,7 +78,15 @@ class RoutedRouterMixin:
         scorer = build_scorer(router_config, hidden_size, num_experts, bias=bias)
         if device is not None:
             scorer = scorer.to(device=device, dtype=dtype if dtype.is_floating_point else None)
+        # A fresh module is in training mode; the router's mode (a model patched in eval()) rules.
+        scorer.train(self.training)  # type: ignore[attr-defined]
         self.scorer = scorer
+        if router_config.expert_bias_enabled and self.expert_bias_attribute not in self._buffers:  # type: ignore[attr-defined]
+            # Persistent (saved and loaded with the checkpoint), float32 whatever the model's dtype
+            # (``_apply`` keeps it so), zero until the first update; a buffer, so never trained.
+            self.register_buffer(  # type: ignore[attr-defined]
+                self.expert_bias_attribute, torch.zeros(num_experts, dtype=torch.float32, device=device)
+            )
 
     @property
     def base_scorer(self) -> RouterScorer:
@@ -81,6 +103,97 @@ class RoutedRouterMixin:
     @property
     def router_config(self) -> RouterConfig:
         return self.base_scorer.config
+
+    # ---- aux-loss-free expert bias (DeepSeek-V3; docs/ROUTERS.md) -------------------------------
+
+    @property
+    def expert_bias_enabled(self) -> bool:
+        """Whether this router's expert bias is updated (``expert_bias_update_rate > 0``)."""
+        return self.router_config.expert_bias_enabled
+
+    def selection_bias(self) -> torch.Tensor | None:
+        """The expert bias ``[E]`` added to the scores to *select* experts, or None when there is
+        none (the gate weights never include it)."""
+        return self._buffers.get(self.expert_bias_attribute)  # type: ignore[attr-defined]
+
+    @torch.no_grad()
+    def update_expert_bias(self, counts_E: torch.Tensor) -> None:
+        """One aux-loss-free balancing step: move the expert bias against this step's loads.
+
+        Args:
+            counts_E: ``[E]`` token -> expert assignments of this router in the optimizer step
+                (summed over micro-batches and ranks, padding excluded, by the caller; every rank
+                must pass the same counts so the biases stay equal).
+
+        ``b += expert_bias_delta(counts_E, u, rule)`` (``"sign"``: ``u * sign(mean - counts_i)``;
+        ``"proportional"``: ``u * (mean - counts_i) / mean``), then ``b`` is clamped to
+        ``[-clamp, clamp]`` when ``expert_bias_clamp`` is set. Does nothing when
+        ``expert_bias_enabled`` is False.
+        """
+        if not self.expert_bias_enabled:
+            return
+        bias = self.selection_bias()
+        num_experts = int(self.num_experts)  # type: ignore[attr-defined]
+        if bias is None:  # pragma: no cover - attach_scorer creates it whenever the config enables it
+            raise RuntimeError(f"{type(self).__name__} has no {self.expert_bias_attribute} buffer to update.")
+        counts = torch.as_tensor(counts_E)
+        if counts.shape != (num_experts,) or counts.is_complex() or counts.dtype == torch.bool:
+            raise ValueError(
+                f"update_expert_bias expects counts_E of shape [{num_experts}] (one count per expert, "
+                f"real numbers); got shape {tuple(counts.shape)} and dtype {counts.dtype}."
+            )
+        counts = counts.to(device=bias.device, dtype=torch.float32)
+        if not bool(torch.isfinite(counts).all() and (counts >= 0).all()):
+            raise ValueError(
+                f"update_expert_bias expects finite, non-negative counts_E; got {counts.tolist()}."
+            )
+        config = self.router_config
+        updated = bias.float() + expert_bias_delta(
+            counts, config.expert_bias_update_rate, config.expert_bias_rule
+        )
+        if config.expert_bias_clamp is not None:
+            updated = updated.clamp(-config.expert_bias_clamp, config.expert_bias_clamp)
+        bias.copy_(updated)
+
+    # ---- routing capture and replay (capture_routing / replay_routing below) --------------------
+
+    #: The experts ``[T, K]`` this router must choose while a ``replay_routing`` context holds it.
+    _replay_indices: torch.Tensor | None = None
+    #: The list every chosen ``[T, K]`` is appended to while a ``capture_routing`` context holds it.
+    _capture_list: list[torch.Tensor] | None = None
+
+    def replayed_experts(self, num_tokens: int, device: torch.device | None = None) -> torch.Tensor | None:
+        """The experts ``[T, K]`` int64 a ``replay_routing`` context forces on this call, else None.
+
+        The family's forward then skips its own choice (and the expert bias) and computes the gate
+        weights from the current scores at these experts.
+        """
+        indices = self._replay_indices
+        if indices is None:
+            return None
+        if indices.shape[0] != num_tokens:
+            raise ValueError(
+                f"replay_routing: {type(self).__name__} routes {num_tokens} tokens, but the replayed "
+                f"routing has {indices.shape[0]} (shape {tuple(indices.shape)}): replay it on the same inputs."
+            )
+        return indices if device is None else indices.to(device)
+
+    def record_experts(self, indices_TK: torch.Tensor) -> None:
+        """Hand the experts chosen by this call to an active ``capture_routing`` (no-op otherwise)."""
+        if self._capture_list is not None:
+            self._capture_list.append(indices_TK.detach().reshape(indices_TK.shape[0], -1))
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - torch's signature
+        # ``model.to(torch.bfloat16)`` / ``.half()`` cast every floating buffer; updates of u ~ 1e-3
+        # vanish in bf16 next to a bias of order 1, so an updated expert bias stays float32.
+        name = self.expert_bias_attribute
+        updated = "scorer" in self._modules and self.expert_bias_enabled  # type: ignore[attr-defined]
+        before = self._buffers.get(name) if updated else None  # type: ignore[attr-defined]
+        result = super()._apply(fn, recurse)  # type: ignore[misc]
+        after = self._buffers.get(name)  # type: ignore[attr-defined]
+        if before is not None and after is not None and after.dtype != torch.float32:
+            self._buffers[name] = before.to(device=after.device, dtype=torch.float32)  # type: ignore[attr-defined]
+        return result
 
     def router_logits(self, x_TH: torch.Tensor) -> torch.Tensor:
         """Scorer logits ``[T, E]`` for router inputs ``x_TH``; refuses NaN/Inf inputs."""
@@ -115,7 +228,9 @@ class SoftmaxTopKRoutedRouter(RoutedRouterMixin):
     Softmax, top-k and renormalisation are one op, ``hf_moe_routers.kernels.topk_softmax``: a fused
     Triton kernel with its own backward for CUDA tensors when Triton is installed (and the kernel
     backend allows it), else its torch reference, which is the host's ``softmax(dtype=float32)`` ->
-    ``topk`` -> divide, bit for bit (``tests/test_kernels.py`` checks both).
+    ``topk`` -> divide, bit for bit (``tests/test_kernels.py`` checks both). With an expert bias
+    (selection on logits + bias) or a replayed routing, the same torch formula runs with the chosen
+    experts given: softmax in float32, gathered at them, renormalised.
     """
 
     always_renormalize: ClassVar[bool] = False
@@ -138,10 +253,190 @@ class SoftmaxTopKRoutedRouter(RoutedRouterMixin):
         # in float64, so only float64 is cast here (bf16 goes in as is: the kernel upcasts on load).
         op_logits_TE = logits_TE.float() if logits_TE.dtype == torch.float64 else logits_TE
         renormalize = bool(self.always_renormalize or getattr(self, "norm_topk_prob", False))
-        weights_TK, indices_TK = topk_softmax(op_logits_TE, self.top_k, renormalize=renormalize)  # type: ignore[attr-defined]
+        bias_E = self.selection_bias()
+        indices_TK = self.replayed_experts(x_TH.shape[0], logits_TE.device)
+        if indices_TK is None and bias_E is None:
+            weights_TK, indices_TK = topk_softmax(op_logits_TE, self.top_k, renormalize=renormalize)  # type: ignore[attr-defined]
+        else:
+            # A replayed routing, or aux-loss-free balancing: select on logits + bias (the top-k of
+            # softmax(logits + bias), i.e. the probabilities reweighted by exp(bias)). The weights are
+            # the unbiased probabilities at the chosen experts: the op's torch formula, so a zero
+            # bias, or a replay of the router's own choice, gives its weights bit for bit.
+            probs_TE = op_logits_TE.float().softmax(dim=-1)
+            if indices_TK is None:
+                indices_TK = torch.topk(op_logits_TE.float() + bias_E, self.top_k, dim=-1).indices  # type: ignore[attr-defined]
+            weights_TK = probs_TE.gather(1, indices_TK)
+            if renormalize:
+                weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         if self.cast_weights_to_logits_dtype:
             weights_TK = weights_TK.to(logits_TE.dtype)
+        self.record_experts(indices_TK)
         return logits_TE, weights_TK, indices_TK
+
+
+# --------------------------------------------------------------------------------------------
+# Routing capture and replay
+# --------------------------------------------------------------------------------------------
+
+
+def _routed_routers(model: nn.Module) -> list[tuple[str, RoutedRouterMixin]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, RoutedRouterMixin)]
+
+
+@dataclasses.dataclass
+class CapturedRouting:
+    """What ``capture_routing`` saw: the experts every routed router chose, call by call.
+
+    Attributes:
+        names: the routers' names in ``model.named_modules()``, in module order.
+        calls: for each name, the ``[T, K]`` int64 experts of each of its calls, in call order.
+    """
+
+    names: tuple[str, ...]
+    calls: dict[str, list[torch.Tensor]]
+
+    @property
+    def router_indices(self) -> tuple[torch.Tensor, ...]:
+        """One ``[T, K]`` tensor per router, in module order (what ``replay_routing`` takes): its
+        calls concatenated along the tokens (one model forward is one call of each router).
+        Routers that were not called are left out, like ``router_logits`` leaves them out."""
+        return tuple(torch.cat(self.calls[name]) for name in self.names if self.calls[name])
+
+
+@contextlib.contextmanager
+def capture_routing(model: nn.Module) -> Iterator[CapturedRouting]:
+    """Record the experts every routed router of ``model`` chooses inside the ``with`` block.
+
+    Each router call appends its choice ``[T, K]`` (T = the tokens it routed, padding included;
+    Switch: K = 1, its choice before capacity dropping), so a router run again by gradient
+    checkpointing inside the block appears twice. The model output's ``router_indices``
+    (``output_router_indices=True``) is this for one forward.
+    """
+    routers = _routed_routers(model)
+    captured = CapturedRouting(tuple(name for name, _ in routers), {name: [] for name, _ in routers})
+    previous = [router._capture_list for _, router in routers]
+    for name, router in routers:
+        router._capture_list = captured.calls[name]
+    try:
+        yield captured
+    finally:
+        for (_, router), before in zip(routers, previous):
+            router._capture_list = before
+
+
+RouterIndices = Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | CapturedRouting
+
+
+@contextlib.contextmanager
+def replay_routing(model: nn.Module, router_indices: RouterIndices) -> Iterator[None]:
+    """Force the experts of every routed router of ``model`` inside the ``with`` block.
+
+    Args:
+        model: the model (or any module holding the routers) to run.
+        router_indices: what a capture of the same inputs gave: the model output's
+            ``router_indices`` (one ``[T, K]`` tensor per routed router, in module order), a
+            ``CapturedRouting``, or ``{router name: [T, K]}`` for every routed router.
+
+    Each router then routes every token to the given experts instead of choosing (its expert bias
+    and DeepSeek-V3's group limit are not applied) and computes their gate weights from its
+    *current* scores at those experts, with the family's own rule (softmax probabilities,
+    renormalised where the family renormalises; DeepSeek-V3's sigmoid scores; gpt-oss's softmax
+    over the chosen logits; Switch's probability, then its capacity rule). Replaying a model's own
+    routing gives its outputs bit for bit on CPU (the Triton path agrees to float32 rounding); the
+    router keeps training through those weights. Every call of a router in the block gets the same
+    experts, so gradient checkpointing recomputes the same routing.
+
+    Raises:
+        ValueError: the routing does not fit the routers (count, names, shape, K, expert ids), or,
+            at the forward, a router sees a different number of tokens than was captured.
+    """
+    routers = _routed_routers(model)
+    if isinstance(router_indices, CapturedRouting):
+        router_indices = router_indices.router_indices
+    if isinstance(router_indices, Mapping):
+        names = [name for name, _ in routers]
+        unknown, missing = (
+            sorted(set(router_indices) - set(names)),
+            [n for n in names if n not in router_indices],
+        )
+        if unknown or missing:
+            raise ValueError(
+                f"replay_routing: the routing must name every routed router of {type(model).__name__} "
+                f"and nothing else; no routed router: {unknown[:5]}, missing: {missing[:5]}."
+            )
+        ordered = [router_indices[name] for name in names]
+    else:
+        ordered = list(router_indices)
+        if len(ordered) != len(routers):
+            raise ValueError(
+                f"replay_routing: {type(model).__name__} has {len(routers)} routed routers but the routing "
+                f"has {len(ordered)} entries (one [T, K] tensor per router, in module order)."
+            )
+    forced = []
+    for (name, router), indices in zip(routers, ordered):
+        top_k = _router_top_k(router)
+        num_experts = int(router.num_experts)  # type: ignore[attr-defined]
+        if not isinstance(indices, torch.Tensor) or indices.dim() != 2 or indices.is_floating_point():
+            raise ValueError(
+                f"replay_routing: the routing of {name} must be an integer tensor [T, {top_k}]; got "
+                f"{type(indices).__name__} {tuple(getattr(indices, 'shape', ()))}."
+            )
+        if indices.shape[1] != top_k:
+            raise ValueError(
+                f"replay_routing: {name} chooses {top_k} experts per token; the routing has "
+                f"{indices.shape[1]} (shape {tuple(indices.shape)})."
+            )
+        if indices.numel() and not (0 <= int(indices.min()) and int(indices.max()) < num_experts):
+            raise ValueError(
+                f"replay_routing: the routing of {name} names experts outside [0, {num_experts}) "
+                f"(min {int(indices.min())}, max {int(indices.max())})."
+            )
+        forced.append(indices.to(dtype=torch.int64))
+    previous = [router._replay_indices for _, router in routers]
+    for (_, router), indices in zip(routers, forced):
+        router._replay_indices = indices
+    try:
+        yield
+    finally:
+        for (_, router), before in zip(routers, previous):
+            router._replay_indices = before
+
+
+def _router_top_k(router: nn.Module) -> int:
+    adapter = next((a for a in FAMILIES.values() if isinstance(router, a.routed_router_class)), None)
+    return adapter.router_top_k(router) if adapter is not None else int(router.top_k)  # type: ignore[arg-type]
+
+
+def _with_routing_arguments(forward):  # noqa: ANN001, ANN202 - wraps any model forward
+    """A routed model's forward that also takes ``output_router_indices`` and ``router_indices``.
+
+    Both are popped before the host forward runs (its signature, which ``inspect.signature``
+    reports through ``functools.wraps``, is unchanged): ``router_indices=...`` runs it inside
+    ``replay_routing``, ``output_router_indices=True`` inside ``capture_routing`` and adds
+    ``router_indices`` (one ``[T, K]`` tensor per routed router, module order) to the output, as
+    the last element of a tuple output.
+    """
+
+    @functools.wraps(forward)
+    def routed_forward(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        router_indices = kwargs.pop("router_indices", None)
+        output_router_indices = bool(kwargs.pop("output_router_indices", False))
+        if router_indices is None and not output_router_indices:
+            return forward(self, *args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            if router_indices is not None:
+                stack.enter_context(replay_routing(self, router_indices))
+            captured = stack.enter_context(capture_routing(self)) if output_router_indices else None
+            outputs = forward(self, *args, **kwargs)
+        if captured is not None:
+            if isinstance(outputs, tuple):
+                outputs = (*outputs, captured.router_indices)
+            else:
+                outputs["router_indices"] = captured.router_indices
+        return outputs
+
+    routed_forward._routes_router_indices = True  # type: ignore[attr-defined]
+    return routed_forward
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,7 +469,23 @@ class RoutedConfigMixin:
 
 class RoutedPreTrainedMixin:
     """Placed in front of the host ``*PreTrainedModel``; inherited by base *and* head models so
-    every sub-``PreTrainedModel`` initialises our routers (pitfall 4)."""
+    every sub-``PreTrainedModel`` initialises our routers (pitfall 4).
+
+    Every routed model class's ``forward`` also takes ``output_router_indices=True`` (the experts
+    each router chose, as ``outputs.router_indices``) and ``router_indices=...`` (replay them):
+    ``__init_subclass__`` wraps the host forward it inherits (``_with_routing_arguments``).
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        forward = getattr(cls, "forward", None)
+        if (
+            forward is None
+            or forward is nn.Module.forward
+            or getattr(forward, "_routes_router_indices", False)
+        ):
+            return
+        cls.forward = _with_routing_arguments(forward)  # type: ignore[method-assign]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN206
@@ -197,7 +508,12 @@ class RoutedPreTrainedMixin:
             module.reset_parameters(std=self._router_init_std())
             return
         if isinstance(module, RoutedRouterMixin):
-            return  # its parameters live in its scorer; the host branch would look for `weight`
+            # Its parameters live in its scorer; the host branch would look for `weight`. The expert
+            # bias starts at zero (a checkpoint's own is kept: `init` skips loaded tensors).
+            bias = module.selection_bias()
+            if bias is not None:
+                init.zeros_(bias)
+            return
         super()._init_weights(module)  # type: ignore[misc]
 
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
@@ -256,6 +572,10 @@ class RoutedPreTrainedMixin:
             return super().push_to_hub(repo_id, **kwargs)  # type: ignore[misc]
         return push_routed_to_hub(self, repo_id, **kwargs)
 
+    def update_expert_biases(self, counts_by_router_name: Mapping[str, torch.Tensor]) -> None:
+        """``update_expert_biases(self, counts_by_router_name)``: one aux-loss-free balancing step."""
+        update_expert_biases(self, counts_by_router_name)  # type: ignore[arg-type]
+
     def routed_routers(self) -> list[tuple[str, nn.Module]]:
         """``(name, router)`` for every routed router of the model, in module order."""
         return [(n, m) for n, m in self.named_modules() if isinstance(m, RoutedRouterMixin)]  # type: ignore[attr-defined]
@@ -266,6 +586,37 @@ class RoutedPreTrainedMixin:
         if not losses:
             return torch.zeros(())
         return torch.stack([loss.float() for loss in losses]).sum()
+
+
+def update_expert_biases(model: nn.Module, counts_by_router_name: Mapping[str, torch.Tensor]) -> None:
+    """``update_expert_bias`` of every routed router of ``model`` whose expert bias is enabled.
+
+    Args:
+        model: any module holding routed routers (a routed model, a patched one, a PEFT wrapper).
+        counts_by_router_name: ``[E]`` counts per router, keyed by the router's name in
+            ``model.named_modules()`` (e.g. ``"model.layers.0.mlp.gate"``).
+
+    Raises:
+        ValueError: a name that is no routed router of ``model``, or a router with an enabled bias
+            that has no counts (it would silently stay unbalanced).
+    """
+    routers = {
+        name: module for name, module in model.named_modules() if isinstance(module, RoutedRouterMixin)
+    }
+    unknown = sorted(set(counts_by_router_name) - set(routers))
+    if unknown:
+        raise ValueError(
+            f"update_expert_biases: {unknown[:5]} name no routed router of {type(model).__name__}; "
+            f"routers: {sorted(routers)[:5]}{' ...' if len(routers) > 5 else ''}."
+        )
+    enabled = [name for name, router in routers.items() if router.expert_bias_enabled]
+    missing = [name for name in enabled if name not in counts_by_router_name]
+    if missing:
+        raise ValueError(
+            f"update_expert_biases: no counts for the routers {missing[:5]} (expert bias enabled)."
+        )
+    for name in enabled:
+        routers[name].update_expert_bias(counts_by_router_name[name])
 
 
 # --------------------------------------------------------------------------------------------

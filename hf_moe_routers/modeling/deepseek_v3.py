@@ -36,13 +36,33 @@ __all__ = [
 
 
 class RoutedDeepseekV3TopkRouter(RoutedRouterMixin, DeepseekV3TopkRouter):
-    """DeepSeek-V3's router with a pluggable scorer (the correction bias stays on the router)."""
+    """DeepSeek-V3's router with a pluggable scorer (the correction bias stays on the router).
+
+    The aux-loss-free expert bias *is* ``e_score_correction_bias``: ``update_expert_bias`` moves it
+    when the router config's ``expert_bias_update_rate > 0``; with 0 it is the checkpoint's, fixed.
+    """
+
+    expert_bias_attribute = "e_score_correction_bias"
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x_TH = hidden_states.view(-1, self.hidden_dim).type(torch.float32)
         logits_TE = self.router_logits(x_TH)
         scores_TE = logits_TE.sigmoid()
-        # The correction bias steers selection only; the weights use the uncorrected scores.
+        indices_TK = self.replayed_experts(x_TH.shape[0], logits_TE.device)
+        if indices_TK is None:
+            indices_TK = self._group_limited_choice(scores_TE)
+        # The weights use the uncorrected scores (also of a replayed routing).
+        weights_TK = scores_TE.gather(1, indices_TK)
+        if self.norm_topk_prob:
+            weights_TK /= weights_TK.sum(dim=-1, keepdim=True) + 1e-20
+        weights_TK = weights_TK * self.routed_scaling_factor
+        self.record_experts(indices_TK)
+        return logits_TE, weights_TK, indices_TK
+
+    def _group_limited_choice(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3's choice ``[T, K]``: scores + correction bias, the best ``topk_group``
+        groups (each scored by its two best experts), top-k inside them."""
+        # The correction bias steers selection only.
         choice_TE = scores_TE + self.e_score_correction_bias
         per_group = self.num_experts // self.num_group
         group_scores = choice_TE.view(-1, self.num_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)
@@ -53,12 +73,7 @@ class RoutedDeepseekV3TopkRouter(RoutedRouterMixin, DeepseekV3TopkRouter):
             group_mask.unsqueeze(-1).expand(-1, self.num_group, per_group).reshape(-1, self.num_experts)
         )
         choice_TE = choice_TE.masked_fill(~score_mask.bool(), float("-inf"))
-        indices_TK = torch.topk(choice_TE, k=self.top_k, dim=-1, sorted=False)[1]
-        weights_TK = scores_TE.gather(1, indices_TK)
-        if self.norm_topk_prob:
-            weights_TK /= weights_TK.sum(dim=-1, keepdim=True) + 1e-20
-        weights_TK = weights_TK * self.routed_scaling_factor
-        return logits_TE, weights_TK, indices_TK
+        return torch.topk(choice_TE, k=self.top_k, dim=-1, sorted=False)[1]
 
 
 @strict

@@ -45,8 +45,18 @@ class RoutedGptOssTopKRouter(RoutedRouterMixin, GptOssTopKRouter):
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits_TE = self.router_logits(hidden_states)
-        top_values_TK, indices_TK = torch.topk(logits_TE, self.top_k, dim=-1)
+        bias_E = self.selection_bias()
+        indices_TK = self.replayed_experts(logits_TE.shape[0], logits_TE.device)
+        if indices_TK is None and bias_E is None:
+            top_values_TK, indices_TK = torch.topk(logits_TE, self.top_k, dim=-1)
+        else:
+            # A replayed routing, or aux-loss-free balancing (select on logits + bias): the weights
+            # stay a softmax over the k chosen, unbiased logits.
+            if indices_TK is None:
+                indices_TK = torch.topk(logits_TE.float() + bias_E, self.top_k, dim=-1).indices
+            top_values_TK = logits_TE.gather(1, indices_TK)
         weights_TK = torch.nn.functional.softmax(top_values_TK, dim=1, dtype=top_values_TK.dtype)
+        self.record_experts(indices_TK)
         return logits_TE, weights_TK.to(hidden_states.dtype), indices_TK
 
 

@@ -61,13 +61,34 @@ class RoutedSwitchTransformersTop1Router(RoutedRouterMixin, SwitchTransformersTo
         logits_BSE = self.router_logits(hidden_states.reshape(-1, hidden)).reshape(
             batch, seq, self.num_experts
         )
-        probs_BSE = nn.functional.softmax(logits_BSE, dim=-1, dtype=self.dtype).to(self.input_dtype)
-        expert_index = nn.functional.one_hot(torch.argmax(probs_BSE, dim=-1), num_classes=self.num_experts)
+        chosen_BS, top1_prob_BS1 = self.top1_choice(logits_BSE)
+        self.record_experts(chosen_BS.reshape(-1, 1))
+        expert_index = nn.functional.one_hot(chosen_BS, num_classes=self.num_experts)
         # Capacity: the n-th token of a sequence sent to an expert is dropped once n > capacity.
         token_priority = torch.cumsum(expert_index, dim=-2)
         expert_index = expert_index * (token_priority <= self.expert_capacity)
-        top1_prob_BS1 = torch.max(probs_BSE, dim=-1).values.unsqueeze(-1)
         return expert_index, top1_prob_BS1, logits_BSE
+
+    def top1_choice(self, logits_BSE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The expert each token chooses (before capacity dropping) and its probability ``[..., 1]``,
+        from the logits ``[..., E]`` of the last forward (its input dtype).
+
+        The host's argmax of the softmax; with an expert bias, the argmax of logits + bias
+        (aux-loss-free balancing); in a ``replay_routing`` context, the replayed expert. Always
+        weighed with the unbiased probability. The adapter asks this for the experts the router
+        chose, which its one-hot output loses for dropped tokens.
+        """
+        probs = nn.functional.softmax(logits_BSE, dim=-1, dtype=self.dtype).to(self.input_dtype)
+        bias_E = self.selection_bias()
+        replayed = self.replayed_experts(probs[..., 0].numel(), probs.device)
+        if replayed is not None:
+            chosen = replayed.reshape(probs.shape[:-1])
+        elif bias_E is None:
+            chosen = torch.argmax(probs, dim=-1)
+            return chosen, torch.max(probs, dim=-1).values.unsqueeze(-1)
+        else:
+            chosen = torch.argmax(logits_BSE.float() + bias_E, dim=-1)
+        return chosen, probs.gather(-1, chosen.unsqueeze(-1))
 
 
 @strict

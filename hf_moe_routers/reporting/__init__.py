@@ -11,11 +11,16 @@ from .report import (
     ReportedRouter,
     RoutingWindow,
     WindowTotals,
+    add_specialisation,
     balance_probs,
     batch_metrics,
+    coactivation_pairs,
+    domain_report,
     mean_over_layers,
     report_captures,
     router_metrics,
+    specialisation_report,
+    specialisation_window,
 )
 
 __all__ = [
@@ -28,11 +33,16 @@ __all__ = [
     "RouterInfo",
     "RoutingWindow",
     "WindowTotals",
+    "add_specialisation",
     "balance_probs",
     "batch_metrics",
+    "coactivation_pairs",
+    "domain_report",
     "find_routers",
     "mean_over_layers",
     "report_captures",
     "router_metrics",
     "routing_scoring",
+    "specialisation_report",
+    "specialisation_window",
 ]

@@ -231,7 +231,7 @@ class RouterCollector:
             x = args[0] if args else next(iter(kwargs.values()))
             family = info._family
             logits_TE = family.output_logits(output, info.num_experts)
-            indices_TK = family.output_indices(output, logits_TE, info.top_k)
+            indices_TK = family.output_indices(output, logits_TE, info.top_k, router=module)
             self._captures[position] = RouterCapture(
                 logits_TE, indices_TK, x.detach().reshape(-1, x.shape[-1])
             )

@@ -31,10 +31,12 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
+    "COACTIVATION_FILE",
     "CURVES_FILE",
     "DEFAULT_CURVE_METRICS",
     "LOAD_HEATMAP_FILE",
     "FigureWriter",
+    "plot_coactivation",
     "plot_load_heatmap",
     "plot_router_curves",
     "save_routing_plots",
@@ -42,6 +44,7 @@ __all__ = [
 
 LOAD_HEATMAP_FILE = "routing_load_heatmap.png"
 CURVES_FILE = "routing_curves.png"
+COACTIVATION_FILE = "routing_coactivation.png"
 DEFAULT_CURVE_METRICS: tuple[str, ...] = ("spectral_norm", "stable_rank", "flip_rate")
 
 _DPI = 110
@@ -400,6 +403,72 @@ def plot_router_curves(
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))  # no "29.5" around a single record
     _add_layer_key(figure, axes, layers, colours)
     figure.suptitle(f"Router metrics per layer ({split})", fontsize=11)
+    _save(figure, path)
+    return figure
+
+
+def plot_coactivation(
+    probs_LEE: Any,
+    layers: Sequence[str] | None = None,
+    path: str | os.PathLike[str] | None = None,
+) -> Figure:
+    """Expert co-activation ``P(b | a)`` per layer: one ``E × E`` heatmap panel per layer.
+
+    Row a, column b is the share of the tokens routed to expert a that are also routed to b
+    (``hf_moe_routers.metrics.coactivation``). The diagonal (1 by definition) is left blank so that
+    the colour scale, 0 to 1, shows the pairs; rows of experts that received no token are blank
+    too. The image data of panel i is layer i's matrix with a NaN diagonal, so
+    ``fig.axes[i].images[0].get_array()`` reads it back.
+
+    Args:
+        probs_LEE: ``[L, E, E]`` (or one layer ``[E, E]``) tensor or array, e.g.
+            ``SpecialisationAccumulator.coactivation()``; NaN columns past a layer's E are dropped.
+        layers: panel titles (default ``layer_0 ...``), one per layer.
+        path: where to write the PNG (folders are created); None to only return the figure.
+
+    Returns:
+        The figure (not registered with pyplot; nothing to close).
+
+    Raises:
+        ValueError: not ``[L, E, E]``, or ``layers`` of another length.
+    """
+    from matplotlib import colormaps
+
+    probs = np.asarray(probs_LEE, dtype=np.float64)
+    if probs.ndim == 2:
+        probs = probs[None]
+    if probs.ndim != 3 or probs.shape[1] != probs.shape[2] or probs.shape[0] == 0:
+        raise ValueError(f"probs_LEE must have shape [L, E, E] (or [E, E]); got {probs.shape}.")
+    names = [f"layer_{i}" for i in range(probs.shape[0])] if layers is None else list(layers)
+    if len(names) != probs.shape[0]:
+        raise ValueError(f"layers names {len(names)} layers but probs_LEE holds {probs.shape[0]}.")
+    num_columns = min(len(names), _HEATMAP_COLUMNS)
+    num_rows = math.ceil(len(names) / num_columns)
+    max_experts = probs.shape[1]
+    panel = min(2.2 + max_experts / 40, 4.0)
+    figure = _new_figure(width=panel * num_columns + 1.2, height=panel * num_rows + 0.8)
+    panels = list(figure.subplots(num_rows, num_columns, squeeze=False).flat)
+    cmap = colormaps["viridis"].with_extremes(bad="lightgrey")
+    image = None
+    for ax, name, matrix in zip(panels, names, probs):
+        # A layer narrower than the widest: its padding columns are NaN all the way down.
+        width = int(np.sum(~np.all(np.isnan(matrix), axis=0))) or matrix.shape[0]
+        shown = matrix[:width, :width].copy()
+        np.fill_diagonal(shown, np.nan)
+        image = ax.imshow(shown, cmap=cmap, vmin=0.0, vmax=1.0, origin="upper", interpolation="nearest")
+        ax.set_title(f"{name} (E={width})", fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in panels[len(names) :]:
+        ax.remove()
+    if image is not None:
+        colorbar = figure.colorbar(image, ax=panels[: len(names)], shrink=0.8)
+        colorbar.set_label("P(b | a)", fontsize=8)
+        colorbar.ax.tick_params(labelsize=8)
+    figure.suptitle(
+        "Expert co-activation: share of expert a's tokens also routed to b (diagonal blank)", fontsize=10
+    )
+    figure.supxlabel("expert b", fontsize=9)
+    figure.supylabel("expert a", fontsize=9)
     _save(figure, path)
     return figure
 

@@ -13,7 +13,12 @@ The Trainer's logged metrics, ``hf-moe-routers inspect``, the model card's table
   micro-batches, ``load`` metrics are statistics of the summed counts;
 - :func:`router_metrics` measures the ``router`` metrics from the routers' parameters and a sample
   of the last micro-batch's router inputs;
-- :func:`report_captures` does all of it for one set of captures (``inspect``, the experiments).
+- :func:`report_captures` does all of it for one set of captures (``inspect``, the experiments);
+- the ``specialisation`` metrics need token-level inputs that captures do not carry (token ids,
+  domains, a reference checkpoint's routing): :func:`specialisation_window` makes the
+  :class:`~hf_moe_routers.metrics.SpecialisationAccumulator` of a model's routers,
+  :func:`add_specialisation` feeds it one micro-batch of captures, and
+  :func:`specialisation_report`, :func:`domain_report` and :func:`coactivation_pairs` read it.
 
 The balance loss uses the family's own routing probabilities (:func:`balance_probs`): softmax for most
 families, normalised sigmoid for DeepSeek-V3, top-k-then-softmax for gpt-oss.
@@ -27,23 +32,28 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from .. import metrics as M
-from ..metrics.catalog import BATCH_METRICS, LOAD_METRICS, ROUTER_METRICS
+from ..metrics.catalog import BATCH_METRICS, LOAD_METRICS, ROUTER_METRICS, SPECIALISATION_METRICS
 from .collector import RouterCapture
 
 __all__ = [
     "ReportedRouter",
     "RoutingWindow",
     "WindowTotals",
+    "add_specialisation",
     "balance_probs",
     "batch_metrics",
+    "coactivation_pairs",
+    "domain_report",
     "mean_over_layers",
     "report_captures",
     "router_metrics",
+    "specialisation_report",
+    "specialisation_window",
 ]
 
 
@@ -339,3 +349,127 @@ def report_captures(
     )
     per_layer.update({name: measured[j].tolist() for j, name in enumerate(ROUTER_METRICS)})
     return per_layer, [fraction.tolist() for fraction in totals.load_fractions()]
+
+
+# --------------------------------------------------------------------------------------------
+# Specialisation (token-level counts)
+# --------------------------------------------------------------------------------------------
+
+
+def specialisation_window(
+    routers: Sequence[ReportedRouter],
+    *,
+    num_domains: int = 0,
+    vocab_top1: bool = False,
+    device: torch.device | str | None = None,
+) -> M.SpecialisationAccumulator:
+    """An empty :class:`~hf_moe_routers.metrics.SpecialisationAccumulator` for these routers, in order."""
+    return M.SpecialisationAccumulator(
+        [int(r.num_experts) for r in routers], num_domains=num_domains, vocab_top1=vocab_top1, device=device
+    )
+
+
+def _per_router(value: torch.Tensor | Sequence[torch.Tensor | None] | None, count: int) -> list:
+    if value is None or isinstance(value, torch.Tensor):
+        return [value] * count
+    values = list(value)
+    if len(values) != count:
+        raise ValueError(f"expected one entry per router ({count}); got {len(values)}.")
+    return values
+
+
+@torch.no_grad()
+def add_specialisation(
+    window: M.SpecialisationAccumulator,
+    captures: Sequence[RouterCapture | None],
+    token_ids: torch.Tensor | Sequence[torch.Tensor | None] | None,
+    masks: Sequence[torch.Tensor | None] | None = None,
+    *,
+    domain_ids: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+    reference_indices: Sequence[torch.Tensor | None] | None = None,
+) -> None:
+    """Add one micro-batch: per router its capture (None = did not run).
+
+    ``token_ids`` and ``domain_ids`` are ``[T]`` (or ``[B, S]``) tensors shared by every router, or
+    one per router (an encoder-decoder's decoder routes other tokens); ``reference_indices`` holds
+    per router a reference checkpoint's top-k ``[T, K]`` of the same tokens (router saturation).
+    """
+    count = len(captures)
+    masks_L = _per_router(None, count) if masks is None else list(masks)
+    ids_L = _per_router(token_ids, count)
+    domains_L = _per_router(domain_ids, count)
+    refs_L = _per_router(None, count) if reference_indices is None else list(reference_indices)
+    for layer, capture in enumerate(captures):
+        if capture is None:
+            continue
+        window.update(
+            ids_L[layer],
+            capture.indices_TK,
+            masks_L[layer],
+            layer=layer,
+            domain_ids=domains_L[layer],
+            reference_indices_TK=refs_L[layer],
+        )
+
+
+def specialisation_report(
+    window: M.SpecialisationAccumulator,
+    *,
+    min_count: int = M.DEFAULT_MIN_COUNT,
+    miller_madow: bool = True,
+) -> dict[str, list[float]]:
+    """``{metric: [value per layer]}`` of the ``specialisation`` metrics measured, in catalog order.
+
+    A metric with no value in any layer (no reference, no token ids, no domains) is left out; a
+    layer without one has NaN (vocabulary specialisation when no id occurs ``min_count`` times).
+    """
+    values = window.metrics(min_count=min_count, miller_madow=miller_madow)
+    return {
+        name: values[name].double().tolist()
+        for name in SPECIALISATION_METRICS
+        if not bool(torch.isnan(values[name]).all())
+    }
+
+
+def domain_report(window: M.SpecialisationAccumulator, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per domain name: ``{"tokens", "domain_tv", "domain_kl"}`` with one value per layer (NaN where
+    the domain had no token), ``tokens`` the domain's real tokens in the first layer that saw one."""
+    if len(names) != window.num_domains:
+        raise ValueError(f"names lists {len(names)} domains; the window has {window.num_domains}.")
+    layers = [
+        window.domain_specialisation(layer) if int(window.domain_LDE[layer].sum()) > 0 else None
+        for layer in range(window.num_layers)
+    ]
+    nan = float("nan")
+    first = next((i for i, r in enumerate(layers) if r is not None), None)
+    report: dict[str, dict[str, Any]] = {}
+    for d, name in enumerate(names):
+        slots = 0 if first is None else int(window.domain_LDE[first, d].sum())
+        k = (window.top_k_L[first] or 1) if first is not None else 1
+        report[name] = {
+            "tokens": slots // k,
+            "domain_tv": [nan if r is None else float(r.tv_D[d]) for r in layers],
+            "domain_kl": [nan if r is None else float(r.kl_D[d]) for r in layers],
+        }
+    return report
+
+
+def coactivation_pairs(window: M.SpecialisationAccumulator, top: int = 3) -> list[list[dict[str, Any]]]:
+    """Per layer, the ``top`` expert pairs ``a ≠ b`` with the largest ``P(b | a)``, largest first:
+    ``{"a", "b", "p"}`` (ties: lower a, then lower b)."""
+    probs_LEE = window.coactivation().double()
+    pairs = []
+    for layer, width in enumerate(window.num_experts_L):
+        probs = probs_LEE[layer, :width, :width].clone()
+        probs.fill_diagonal_(float("nan"))
+        flat = torch.nan_to_num(probs, nan=-1.0).reshape(-1)
+        # Stable sort on -p keeps row-major order (lower a, then lower b) among equal values.
+        order = torch.sort(-flat, stable=True).indices[:top]
+        pairs.append(
+            [
+                {"a": int(i) // width, "b": int(i) % width, "p": float(flat[i])}
+                for i in order
+                if float(flat[i]) >= 0
+            ]
+        )
+    return pairs

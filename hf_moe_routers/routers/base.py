@@ -32,9 +32,11 @@ except ImportError:  # pragma: no cover - a torch build without distributed supp
     _DTensor = None
 
 __all__ = [
+    "EXPERT_BIAS_RULES",
     "SCORERS",
     "RouterConfig",
     "RouterScorer",
+    "expert_bias_delta",
     "no_autocast",
     "full_tensor",
     "spectral_norm",
@@ -113,6 +115,32 @@ def _qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+#: How ``update_expert_bias`` turns a step's expert loads into a bias change (``expert_bias_delta``).
+EXPERT_BIAS_RULES: tuple[str, ...] = ("sign", "proportional")
+
+
+def expert_bias_delta(counts_E: torch.Tensor, rate: float, rule: str) -> torch.Tensor:
+    """The change ``[E]`` float32 of the aux-loss-free expert bias for one step's loads ``counts_E``.
+
+    With ``mean = counts_E.mean()``:
+
+    - ``"sign"`` (DeepSeek-V3, Megatron-LM, torchtitan): ``rate * sign(mean - counts_i)``; every
+      under-loaded expert gains ``rate``, every over-loaded one loses ``rate``, a balanced one keeps
+      its bias.
+    - ``"proportional"`` [ours]: ``rate * (mean - counts_i) / mean``, the relative load error, so a
+      nearly balanced expert moves little; zero when no token was routed (``mean == 0``).
+
+    The change is not centred (the paper and Megatron-LM do not; torchtitan subtracts its mean).
+    """
+    check_choice("RouterConfig", "expert_bias_rule", rule, EXPERT_BIAS_RULES)
+    counts = counts_E.detach().float()
+    mean = counts.mean()
+    offset = mean - counts
+    if rule == "sign":
+        return rate * offset.sign()
+    return rate * torch.where(mean > 0, offset / mean.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+
+
 @dataclasses.dataclass
 class RouterConfig:
     """Base class of every router config.
@@ -122,14 +150,45 @@ class RouterConfig:
     ``check_finite`` (shared by all methods) makes the router raise a clear error when the hidden
     states it receives contain NaN or Inf; it costs one device sync per router call, so switch it
     off for ``torch.compile`` or maximal speed.
+
+    Aux-loss-free balancing (DeepSeek-V3's expert bias; shared by all methods, keyword-only, off by
+    default; docs/ROUTERS.md):
+
+    - ``expert_bias_update_rate``: u >= 0; 0 switches the bias off (no buffer is created, except
+      DeepSeek-V3's own ``e_score_correction_bias``, which its router always adds). With u > 0
+      each router holds a float32 buffer ``b [E]`` (saved with the checkpoint, never trained by
+      gradients): experts are *selected* on ``logits + b`` (the softmax-family routers, Switch and
+      gpt-oss) or ``sigmoid(logits) + b`` (DeepSeek-V3), their gate weights come from the unbiased
+      scores, and ``update_expert_bias(counts_E)`` moves ``b`` once per optimizer step.
+    - ``expert_bias_rule``: ``"sign"`` or ``"proportional"`` (``expert_bias_delta``).
+    - ``expert_bias_clamp``: None, or c > 0 to keep every ``b_i`` in ``[-c, c]`` after each update.
     """
 
     router_type: ClassVar[str] = ""
     check_finite: bool = True
+    expert_bias_update_rate: float = dataclasses.field(default=0.0, kw_only=True)
+    expert_bias_rule: str = dataclasses.field(default="sign", kw_only=True)
+    expert_bias_clamp: float | None = dataclasses.field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
-        check_bool(type(self).__name__, "check_finite", self.check_finite)
+        name = type(self).__name__
+        check_bool(name, "check_finite", self.check_finite)
+        check_number(name, "expert_bias_update_rate", self.expert_bias_update_rate, minimum=0.0)
+        check_choice(name, "expert_bias_rule", self.expert_bias_rule, EXPERT_BIAS_RULES)
+        check_number(
+            name,
+            "expert_bias_clamp",
+            self.expert_bias_clamp,
+            minimum=0.0,
+            exclusive_minimum=True,
+            allow_none=True,
+        )
         self.validate()
+
+    @property
+    def expert_bias_enabled(self) -> bool:
+        """Whether the routers keep and update an aux-loss-free expert bias (``update rate > 0``)."""
+        return self.expert_bias_update_rate > 0
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field and its allowed values for any bad field."""

@@ -7,6 +7,9 @@ import dataclasses
 from transformers import TrainingArguments
 
 BALANCE_LOSSES = ("per_layer", "pooled", "model", "none")
+#: Over which tokens the balance loss's load fractions f and probabilities P are taken
+#: (``trainers/losses.py``; docs/ROUTERS.md section 6).
+BALANCE_GRANULARITIES = ("micro_batch", "sequence", "global_batch")
 
 
 @dataclasses.dataclass
@@ -25,6 +28,16 @@ class MoERouterTrainingArguments(TrainingArguments):
             "'pooled' (transformers' form: counts and probabilities pooled over layers before the "
             "product), 'model' (leave the model's own aux loss, output_router_logits as configured), "
             "or 'none'."
+        },
+    )
+    router_balance_granularity: str = dataclasses.field(
+        default="micro_batch",
+        metadata={
+            "help": "Tokens the balance loss's f and P are taken over: 'micro_batch' (each process's "
+            "micro-batch, the default), 'sequence' (DeepSeek-V3's sequence-wise loss: per sequence, "
+            "then the mean over sequences), or 'global_batch' (f from the expert counts summed over "
+            "all processes and over the optimizer step's micro-batches so far, times each "
+            "micro-batch's own P; arXiv 2501.11873). Needs router_balance_loss 'per_layer' or 'pooled'."
         },
     )
     router_balance_loss_weight: float | None = dataclasses.field(
@@ -65,6 +78,21 @@ class MoERouterTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"router_balance_loss must be one of {', '.join(repr(b) for b in BALANCE_LOSSES)}; "
                 f"got {self.router_balance_loss!r}."
+            )
+        if self.router_balance_granularity not in BALANCE_GRANULARITIES:
+            raise ValueError(
+                "router_balance_granularity must be one of "
+                f"{', '.join(repr(g) for g in BALANCE_GRANULARITIES)}; "
+                f"got {self.router_balance_granularity!r}."
+            )
+        if self.router_balance_granularity != "micro_batch" and self.router_balance_loss not in (
+            "per_layer",
+            "pooled",
+        ):
+            raise ValueError(
+                f"router_balance_granularity={self.router_balance_granularity!r} needs "
+                "router_balance_loss 'per_layer' or 'pooled' (the Trainer's own balance loss); "
+                f"got router_balance_loss={self.router_balance_loss!r}."
             )
         for name in (
             "router_balance_loss_weight",

@@ -1,17 +1,19 @@
-"""The Trainer's callbacks: a concise progress bar and the routing plots."""
+"""The Trainer's callbacks: a concise progress bar, the routing plots, and the hook run once
+after every optimizer step (the expert-bias updates)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from tqdm.auto import tqdm
-from transformers import ProgressCallback, Trainer
+from transformers import ProgressCallback, Trainer, TrainerCallback
 from transformers.trainer_utils import has_length
 
 from ..records import RoutingHistory
 
-__all__ = ["ConciseProgressCallback", "add_plot_callback", "use_concise_progress"]
+__all__ = ["ConciseProgressCallback", "OptimizerStepCallback", "add_plot_callback", "use_concise_progress"]
 
 
 #: tqdm's default layout, spelled out because the ETA (``{remaining}``) is what the bar is for:
@@ -53,6 +55,19 @@ class ConciseProgressCallback(ProgressCallback):
         if logs is not None:
             logs = {k: v for k, v in logs.items() if not (k.count("/") >= 2 and "router/" in k)}
         super().on_log(args, state, control, logs=logs, **kwargs)
+
+
+class OptimizerStepCallback(TrainerCallback):
+    """Calls ``after_step()`` right after every optimizer step: once per step whatever the gradient
+    accumulation (``Trainer`` calls ``on_optimizer_step`` after ``optimizer.step()``, before
+    ``global_step`` is advanced and before anything is logged, saved or evaluated), also when the
+    fp16 grad scaler skipped the parameter update."""
+
+    def __init__(self, after_step: Callable[[], None]):
+        self.after_step = after_step
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.after_step()
 
 
 def use_concise_progress(trainer: Trainer) -> None:

@@ -50,6 +50,21 @@ class ProcessSums:
         replicas = self.ranks_per_batch()
         return total / replicas if replicas > 1 else total
 
+    @property
+    def data_parallel_replicas(self) -> int:
+        """How many processes run different batches (processes / ranks sharing a batch): those
+        whose gradients the data-parallel engine averages."""
+        return max(1, self.accelerator.num_processes // self.ranks_per_batch())
+
+    def exact_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum of integer ``tensor`` over the processes, each batch counted once, kept on the
+        accelerator's device and exact (``tensor`` itself in one process)."""
+        if not self.distributed:
+            return tensor
+        total = self.accelerator.reduce(tensor.to(self.accelerator.device), reduction="sum")
+        replicas = self.ranks_per_batch()
+        return torch.div(total, replicas, rounding_mode="floor") if replicas > 1 else total
+
     def any_data(self, window: RoutingWindow) -> bool:
         """Whether any process saw router outputs in this window (a collective on every rank, so
         that all ranks take the same branch)."""

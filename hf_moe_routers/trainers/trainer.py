@@ -2,8 +2,9 @@
 
 What it adds to the model's own loss, per micro-batch (``trainers/losses.py``):
 - the load-balancing loss, per layer by default (mean over layers of ``E·Σ f_e·P_e``,
-  padding-masked), or transformers' pooled form; the model's own aux loss is switched off
-  (``output_router_logits=False``) so it is never counted twice;
+  padding-masked), or transformers' pooled form; its f and P over each micro-batch by default,
+  or per sequence, or over the global batch (``router_balance_granularity``); the model's own aux
+  loss is switched off (``output_router_logits=False``) so it is never counted twice;
 - the router z-loss (mean over layers, padding-masked) when its weight is non-zero;
 - each routed router's parameter-only penalties (SR-MoE's spectral and stable-rank terms), summed
   over layers.
@@ -12,6 +13,12 @@ Under gradient accumulation the Trainer does not divide a loss normalised by ``n
 steps here: the same total gradient for 1×B and 2×(B/2). Evaluation losses stay the model's
 own (``eval_loss`` is the LM loss, so ``exp(eval_loss)`` is the perplexity); the router terms are
 logged separately.
+
+Aux-loss-free balancing: the expert counts of each router (padding excluded) are summed over the
+micro-batches of every optimizer step and over the processes (``trainers/step_loads.py``), and right
+after the optimizer step every router whose ``expert_bias_enabled`` gets
+``update_expert_bias(counts_E)``, once per step (``OptimizerStepCallback``); the biases are logged
+as ``router/expert_bias_absmax`` and ``router/expert_bias_range``.
 
 What it logs, at every logging step and evaluation (``trainers/routing_logs.py``, computed by
 ``hf_moe_routers.reporting``, named by ``hf_moe_routers.metrics.catalog``): ``router/<metric>``
@@ -37,18 +44,28 @@ from transformers import Trainer
 
 from ..records import RoutingHistory
 from ..reporting.collector import RouterCapture, RouterCollector, RouterInfo, routing_scoring
-from ..reporting.report import RoutingWindow
+from ..reporting.report import RoutingWindow, mean_over_layers
 from .arguments import MoERouterTrainingArguments
-from .callbacks import add_plot_callback, use_concise_progress
+from .callbacks import OptimizerStepCallback, add_plot_callback, use_concise_progress
 from .checkpoint import fused_layout_saves
-from .losses import ROUTER_OUTPUT_KEYS, balance_loss, parameter_penalty, router_masks, z_loss_term
+from .losses import (
+    ROUTER_OUTPUT_KEYS,
+    GlobalLoad,
+    balance_loss,
+    parameter_penalty,
+    router_masks,
+    sequence_rows,
+    z_loss_term,
+)
 from .routing_logs import ProcessSums, costly_metrics, report_window
+from .step_loads import StepLoads
 
 __all__ = ["MoERouterTrainer"]
 
 # MoERouterTrainingArguments fields given their defaults when the Trainer gets plain TrainingArguments.
 _ROUTER_FIELDS = (
     "router_balance_loss",
+    "router_balance_granularity",
     "router_balance_loss_weight",
     "router_z_loss_weight",
     "router_spectral_weight",
@@ -79,6 +96,8 @@ class MoERouterTrainer(Trainer):
         self.routers: list[RouterInfo] = self._collector.routers
         self._scoring = routing_scoring(self.model)
         self._sums = ProcessSums(self.accelerator, self._ranks_per_batch)
+        self._step_loads = StepLoads([r.num_experts for r in self.routers], self._sums, self.args.device)
+        self.add_callback(OptimizerStepCallback(self._after_optimizer_step))
         self._windows = {mode: self._new_window() for mode in ("train", "eval")}
         self._log_count = 0
         self._drift_reference: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -116,6 +135,18 @@ class MoERouterTrainer(Trainer):
             (self.model_accepts_loss_kwargs and num_items_in_batch is not None)
             or self.compute_loss_func is not None
         )
+
+    def _global_balance(self) -> bool:
+        """Whether this run's balance loss takes f over the global batch (a collective per micro-batch)."""
+        return (
+            self.args.router_balance_granularity == "global_batch"
+            and self.args.router_balance_loss in ("per_layer", "pooled")
+            and self._balance_weight() > 0
+        )
+
+    def _bias_routers(self) -> list[int]:
+        """Positions of the routers whose aux-loss-free expert bias is updated (``expert_bias_enabled``)."""
+        return [i for i, r in enumerate(self.routers) if getattr(r.module, "expert_bias_enabled", False)]
 
     def _ranks_per_batch(self) -> int:
         try:
@@ -177,22 +208,41 @@ class MoERouterTrainer(Trainer):
             )
         finally:
             captures = self._collector.stop()
-        if any(c is not None for c in captures):
-            masks = router_masks(self.routers, inputs, captures, bool(self._config().is_encoder_decoder))
-            router_loss = self._router_loss(captures, masks, mode)
-            if router_loss is not None and mode == "train":
+        ran = any(c is not None for c in captures)
+        masks = router_masks(self.routers, inputs, captures, bool(self._config().is_encoder_decoder))
+        if mode == "train":
+            # Every process adds every micro-batch, routers or not: the global-batch sums are a collective.
+            batch_tokens = self._add_step_loads(captures, masks)
+            router_loss = self._router_loss(captures, masks, inputs, batch_tokens) if ran else None
+            if router_loss is not None:
                 if self._loss_counts_as_ga_scaled(num_items_in_batch):
                     router_loss = router_loss / self.current_gradient_accumulation_steps
                 loss = loss + router_loss.to(loss.dtype)
+        if ran:
             self._windows[mode].add(captures, masks)
         if isinstance(outputs, dict) and any(k in outputs for k in ROUTER_OUTPUT_KEYS):
             outputs = type(outputs)(**{k: v for k, v in outputs.items() if k not in ROUTER_OUTPUT_KEYS})
         return (loss, outputs) if return_outputs else loss
 
-    def _router_loss(
-        self, captures: list[RouterCapture | None], masks: list[torch.Tensor | None], mode: str
+    def _add_step_loads(
+        self, captures: list[RouterCapture | None], masks: list[torch.Tensor | None]
     ) -> torch.Tensor | None:
-        """The weighted router terms of one micro-batch (None when every weight is zero)."""
+        """Add a training micro-batch's expert counts to the optimizer step's (``StepLoads``) when the
+        global-batch balance loss or an expert bias needs them; the micro-batch's real tokens per
+        router over all processes ``[L]`` for the global-batch loss, else None."""
+        reduce = self._global_balance()
+        if not reduce and not self._bias_routers():
+            return None
+        return self._step_loads.add(captures, masks, self.state.global_step, reduce=reduce)
+
+    def _router_loss(
+        self,
+        captures: list[RouterCapture | None],
+        masks: list[torch.Tensor | None],
+        inputs: dict[str, Any],
+        batch_tokens: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """The weighted router terms of one training micro-batch (None when every weight is zero)."""
         ran = [i for i, c in enumerate(captures) if c is not None]
         present = [captures[i] for i in ran]
         present_masks = [masks[i] for i in ran]
@@ -200,22 +250,78 @@ class MoERouterTrainer(Trainer):
         balance_weight = self._balance_weight()
         if self.args.router_balance_loss in ("per_layer", "pooled") and balance_weight > 0:
             stacks = [self.routers[i].stack for i in ran]
-            loss = balance_loss(self.args.router_balance_loss, stacks, present, present_masks, self._scoring)
+            granularity = self.args.router_balance_granularity
+            loads = None
+            if granularity == "global_batch":
+                assert batch_tokens is not None  # _add_step_loads reduced this micro-batch
+                step, replicas = self._step_loads, self._sums.data_parallel_replicas
+                loads = [
+                    GlobalLoad(
+                        step.router_counts(step.global_LE, i), step.global_L[i], batch_tokens[i], replicas
+                    )
+                    for i in ran
+                ]
+            loss = balance_loss(
+                self.args.router_balance_loss,
+                stacks,
+                present,
+                present_masks,
+                self._scoring,
+                granularity=granularity,
+                rows=sequence_rows(inputs) if granularity == "sequence" else None,
+                loads=loads,
+            )
             total = balance_weight * loss
         z_weight = self._z_weight()
         if z_weight > 0:
             z = z_weight * z_loss_term(present, present_masks)
             total = z if total is None else total + z
-        if mode == "train":
-            overrides = {
-                "spectral": self.args.router_spectral_weight,
-                "stable_rank": self.args.router_stable_rank_weight,
-            }
-            penalty = parameter_penalty(self.routers, captures, overrides)
-            if penalty is not None:
-                self._windows[mode].add_penalty(penalty)
-                total = penalty if total is None else total + penalty
+        overrides = {
+            "spectral": self.args.router_spectral_weight,
+            "stable_rank": self.args.router_stable_rank_weight,
+        }
+        penalty = parameter_penalty(self.routers, captures, overrides)
+        if penalty is not None:
+            self._windows["train"].add_penalty(penalty)
+            total = penalty if total is None else total + penalty
         return total
+
+    # ------------------------------------------------------------------------------------------
+    # aux-loss-free expert bias
+    # ------------------------------------------------------------------------------------------
+    def _after_optimizer_step(self) -> None:
+        """Right after each optimizer step (``OptimizerStepCallback``): every router with an enabled
+        expert bias gets ``update_expert_bias`` with the step's counts (summed over its micro-batches
+        and the processes, padding excluded), then the sums start over for the next step."""
+        loads = self._step_loads
+        enabled = self._bias_routers()
+        if enabled and loads.step is not None:
+            counts_LE, _ = loads.step_totals()
+            for i in enabled:
+                self.routers[i].module.update_expert_bias(loads.router_counts(counts_LE, i))
+        loads.reset()
+
+    def _expert_bias_logs(self) -> dict[str, float]:
+        """``router/expert_bias_absmax`` (``max_i |b_i|``) and ``router/expert_bias_range``
+        (``max_i b_i - min_i b_i``, what the routing feels: a constant shift changes no choice) of
+        every router with an enabled bias, mean over those layers, then per layer."""
+        per_layer: dict[str, dict[str, float]] = {"expert_bias_absmax": {}, "expert_bias_range": {}}
+        for i in self._bias_routers():
+            info = self.routers[i]
+            bias = info.module.selection_bias()
+            if bias is None:
+                continue
+            bias = bias.detach().float()
+            per_layer["expert_bias_absmax"][info.layer] = float(bias.abs().max())
+            per_layer["expert_bias_range"][info.layer] = float(bias.max() - bias.min())
+        logs: dict[str, float] = {}
+        for name, values in per_layer.items():
+            if not values:
+                continue
+            logs[f"router/{name}"] = mean_over_layers(list(values.values()))
+            if self.args.router_log_per_layer:
+                logs.update({f"router/{name}/{layer}": value for layer, value in values.items()})
+        return logs
 
     # ------------------------------------------------------------------------------------------
     # logging
@@ -241,6 +347,8 @@ class MoERouterTrainer(Trainer):
             prefix = "eval_" if mode == "eval" else ""
             # In place: `evaluate()` returns the very dict it logs, so its caller sees these too.
             logs.update({f"{prefix}{k}": v for k, v in report.logs.items()})
+            if mode == "train":
+                logs.update(self._expert_bias_logs())
             self._windows[mode] = self._new_window()
         super().log(logs, start_time)
 
