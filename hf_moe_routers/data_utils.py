@@ -288,14 +288,26 @@ class LMBlockDataset(Dataset):
 
     Args:
         blocks: LongTensor ``[num_blocks, block_size]`` of token ids.
+        domain_blocks: optional LongTensor of the same shape, each token's domain (the index of
+            the document it comes from); items then also hold ``"domain_ids"``, which
+            ``MoERouterTrainer`` takes out of the batch for its domain-specialisation metrics (a
+            plain ``Trainer`` would pass it to the model, which has no such argument).
     """
 
-    def __init__(self, blocks: torch.Tensor) -> None:
+    def __init__(self, blocks: torch.Tensor, domain_blocks: torch.Tensor | None = None) -> None:
         if blocks.dim() != 2 or blocks.dtype != torch.long:
             raise ValueError(
                 f"blocks: expected a 2-D LongTensor, got {blocks.dtype} of shape {tuple(blocks.shape)}"
             )
+        if domain_blocks is not None and (
+            domain_blocks.shape != blocks.shape or domain_blocks.dtype != torch.long
+        ):
+            raise ValueError(
+                f"domain_blocks: expected a LongTensor of the blocks' shape {tuple(blocks.shape)}, got "
+                f"{domain_blocks.dtype} of shape {tuple(domain_blocks.shape)}"
+            )
         self.blocks = blocks
+        self.domain_blocks = domain_blocks
 
     def __len__(self) -> int:
         return self.blocks.shape[0]
@@ -303,11 +315,14 @@ class LMBlockDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         # Copies, not views: a collator that edits its batch in place must not alter the dataset.
         input_ids = self.blocks[index].clone()
-        return {
+        item = {
             "input_ids": input_ids,
             "attention_mask": torch.ones_like(input_ids),
             "labels": input_ids.clone(),
         }
+        if self.domain_blocks is not None:
+            item["domain_ids"] = self.domain_blocks[index].clone()
+        return item
 
     @property
     def block_size(self) -> int:
@@ -328,22 +343,40 @@ def _token_blocks(
     """LongTensor ``[num_blocks, block_size]``: each document's tokens then EOS, concatenated, cut into
     whole blocks (the incomplete tail is dropped); with ``max_blocks``, that many evenly spaced blocks.
     ``argument`` names the texts in error messages."""
-    documents = [doc for doc in texts if doc.strip()]
-    if not documents:
+    return _token_and_document_blocks(texts, tokenizer, block_size, max_blocks, argument)[0]
+
+
+def _token_and_document_blocks(
+    texts: Sequence[str],
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    max_blocks: int | None,
+    argument: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_token_blocks` and, in the same layout, the index in ``texts`` of each token's document
+    (the EOS after a document belongs to it)."""
+    kept = [i for i, doc in enumerate(texts) if doc.strip()]
+    if not kept:
         raise ValueError(f"{argument}: no text to build blocks from")
     # verbose=False: whole documents are far longer than model_max_length, on purpose, before chunking.
-    encoded = tokenizer(documents, add_special_tokens=False, return_attention_mask=False, verbose=False)
+    encoded = tokenizer(
+        [texts[i] for i in kept], add_special_tokens=False, return_attention_mask=False, verbose=False
+    )
     stream = [token for ids in encoded["input_ids"] for token in (*ids, tokenizer.eos_token_id)]
+    documents = [doc for doc, ids in zip(kept, encoded["input_ids"]) for _ in range(len(ids) + 1)]
     num_blocks = len(stream) // block_size
     if num_blocks == 0:
         raise ValueError(
             f"block_size: {argument} yield {len(stream)} tokens, fewer than one block of {block_size}"
         )
-    blocks = torch.tensor(stream[: num_blocks * block_size], dtype=torch.long).view(num_blocks, block_size)
+    shape = (num_blocks, block_size)
+    blocks = torch.tensor(stream[: num_blocks * block_size], dtype=torch.long).view(shape)
+    document_blocks = torch.tensor(documents[: num_blocks * block_size], dtype=torch.long).view(shape)
     if max_blocks is not None and max_blocks < num_blocks:
         # Evenly spaced rather than the first blocks, so a capped run still sees every document.
-        blocks = blocks[torch.arange(max_blocks) * num_blocks // max_blocks]
-    return blocks
+        chosen = torch.arange(max_blocks) * num_blocks // max_blocks
+        blocks, document_blocks = blocks[chosen], document_blocks[chosen]
+    return blocks, document_blocks
 
 
 def build_lm_datasets(
@@ -353,6 +386,7 @@ def build_lm_datasets(
     block_size: int,
     max_train_blocks: int | None = None,
     max_eval_blocks: int | None = None,
+    eval_domains: bool = False,
 ) -> tuple[LMBlockDataset, LMBlockDataset | None]:
     """Causal-LM datasets for ``transformers.Trainer``: ``(train, eval)``; eval is None without
     ``eval_texts``.
@@ -362,6 +396,8 @@ def build_lm_datasets(
     concatenated in order, and the stream is cut into non-overlapping blocks of ``block_size`` tokens,
     dropping the incomplete tail. ``max_train_blocks`` / ``max_eval_blocks`` keep that many evenly
     spaced blocks, for quick runs. Deterministic: shuffling is left to the Trainer's seeded sampler.
+    With ``eval_domains`` every evaluation item also holds ``"domain_ids"``: each token's document,
+    as its index in ``eval_texts`` (the domain-specialisation metrics of ``MoERouterTrainer``).
     Raises ``ValueError`` naming the offending argument.
     """
     if isinstance(train_texts, str) or isinstance(eval_texts, str):
@@ -379,7 +415,7 @@ def build_lm_datasets(
     train = LMBlockDataset(_token_blocks(train_texts, tokenizer, block_size, max_train_blocks, "train_texts"))
     if eval_texts is None:
         return train, None
-    evaluation = LMBlockDataset(
-        _token_blocks(eval_texts, tokenizer, block_size, max_eval_blocks, "eval_texts")
+    blocks, documents = _token_and_document_blocks(
+        eval_texts, tokenizer, block_size, max_eval_blocks, "eval_texts"
     )
-    return train, evaluation
+    return train, LMBlockDataset(blocks, documents if eval_domains else None)

@@ -327,6 +327,24 @@ def test_blocks_hand_computed():
     assert all(t.dtype == torch.long and t.shape == (5,) for t in item.values())
 
 
+def test_eval_domains_tag_each_token_with_its_document():
+    # documents 0 and 2 (1 is blank and dropped, yet keeps its index): the EOS belongs to its document
+    eval_texts = ["w10 w11", " ", "w12 w13 w14", "w15 w16"]
+    _, plain = build_lm_datasets(["w0 w1 w2"], eval_texts, word_tokenizer(), block_size=3)
+    assert "domain_ids" not in plain[0]  # only when asked: a plain Trainer would pass it to the model
+    _, tagged = build_lm_datasets(["w0 w1 w2"], eval_texts, word_tokenizer(), block_size=3, eval_domains=True)
+    # stream 13 14 </s> | 15 16 17 </s> | 18 19 </s> = 10 tokens -> 3 blocks of 3, tail dropped
+    assert tagged.blocks.tolist() == plain.blocks.tolist() == [[13, 14, 1], [15, 16, 17], [1, 18, 19]]
+    assert tagged.domain_blocks.tolist() == [[0, 0, 0], [2, 2, 2], [2, 3, 3]]
+    assert tagged[2]["domain_ids"].tolist() == [2, 3, 3]
+    _, capped = build_lm_datasets(
+        ["w0 w1 w2"], eval_texts, word_tokenizer(), block_size=3, max_eval_blocks=2, eval_domains=True
+    )
+    assert capped.domain_blocks.tolist() == [[0, 0, 0], [2, 2, 2]]  # blocks 0 and 1 of 3, with their tags
+    with pytest.raises(ValueError, match="domain_blocks"):
+        LMBlockDataset(tagged.blocks, tagged.domain_blocks[:1])
+
+
 def test_blocks_caps_keep_evenly_spaced_blocks_and_items_are_copies():
     texts = ["w0 w1 w2 w3 w4 w5 w6 w7 w8 w9 w10"]  # 11 tokens + </s> = 12 -> 6 blocks of 2
     full, _ = build_lm_datasets(texts, None, word_tokenizer(), block_size=2)

@@ -256,6 +256,39 @@ def test_quick_lm_command_uses_the_trainer_script(tmp_path):
     assert "Experiment B" in (tmp_path / "quick_lm.md").read_text()
 
 
+def test_lm_balancing_rows_train_with_their_flags_and_report_specialisation(tmp_path):
+    import dataclasses
+    from pathlib import Path
+
+    from hf_moe_routers.experiments import lm
+
+    spec = dataclasses.replace(
+        lm.quick_lm_spec(), routers=("linear_bias", "l2r_m4_global"), vision_datasets=()
+    )
+    flags = lm._lm_flags(spec, "l2r_m4_global", 0, Path("out"), Path("tok"))
+    pairs = dict(zip(flags[::2], flags[1::2]))
+    assert pairs["--router_balance_granularity"] == "global_batch"
+    # the optimizer step keeps the spec's blocks, now as 4 micro-batches
+    assert (
+        int(pairs["--gradient_accumulation_steps"]) * int(pairs["--per_device_train_batch_size"])
+        == spec.batch_size
+    )
+    bias = dict(zip(*[iter(lm._lm_flags(spec, "linear_bias", 0, Path("out"), Path("tok")))] * 2))
+    assert bias["--router_balance_loss"] == "none"
+    assert json.loads(bias["--router_kwargs"])["expert_bias_update_rate"] > 0
+
+    result = lm.run_lm(spec, tmp_path, command="test", log=lambda message: None)
+    assert [run["router"] for run in result["lm_runs"]] == ["linear_bias", "l2r_m4_global"]
+    assert result["vision_runs"] == []  # no vision counterpart for the Trainer's balancing variants
+    k_over_e = spec.num_experts_per_tok / spec.num_experts
+    for run in result["lm_runs"]:
+        assert k_over_e <= run["vocab_specialisation"] <= 1.0
+        assert np.isfinite(run["token_expert_mi"]) and np.isfinite(run["coactivation_top_partner"])
+        assert 0.0 <= run["domain_tv"] <= 1.0  # the two validation plays are the domains
+    table = (tmp_path / "lm.md").read_text()
+    assert "linear, expert bias (no aux loss)" in table and "domain TV" in table
+
+
 def test_bad_experiment_name_is_rejected():
     from hf_moe_routers.experiments.__main__ import main
 

@@ -40,6 +40,36 @@ LM_ROUTERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "l2r_m1": ("l2r", {"rank": 16, "num_anchors": 1}, "L2R (r=16, M=1)"),
     "l2r_m4": ("l2r", {"rank": 16, "num_anchors": 4}, "L2R (r=16, M=4)"),
     "sr_moe": ("sr_moe", {}, "SR-MoE (linear scoring, penalty)"),
+    # Balancing variants (docs/ROUTERS.md section 6) of the linear router and L2R (r=16, M=4):
+    # aux-loss-free expert bias (sign rule, no balance loss), and the global-batch balance loss
+    # next to the micro-batch loss at the same 4 micro-batches of 4 blocks per optimizer step
+    # (with one micro-batch per step the two are the same loss).
+    "linear_bias": ("linear", {"expert_bias_update_rate": 1e-2}, "linear, expert bias (no aux loss)"),
+    "linear_mb4": ("linear", {}, "linear, 4 micro-batches, micro-batch balance"),
+    "linear_global": ("linear", {}, "linear, 4 micro-batches, global-batch balance"),
+    "l2r_m4_bias": (
+        "l2r",
+        {"rank": 16, "num_anchors": 4, "expert_bias_update_rate": 1e-2},
+        "L2R (M=4), expert bias (no aux loss)",
+    ),
+    "l2r_m4_mb4": ("l2r", {"rank": 16, "num_anchors": 4}, "L2R (M=4), 4 micro-batches, micro-batch balance"),
+    "l2r_m4_global": (
+        "l2r",
+        {"rank": 16, "num_anchors": 4},
+        "L2R (M=4), 4 micro-batches, global-batch balance",
+    ),
+}
+#: Trainer flags of the balancing variants (the others train with the Trainer's defaults).
+_EXPERT_BIAS = {"router_balance_loss": "none"}
+_MICRO_BATCHES = {"gradient_accumulation_steps": 4}
+_GLOBAL = {**_MICRO_BATCHES, "router_balance_granularity": "global_batch"}
+LM_TRAINING_FLAGS: dict[str, dict[str, Any]] = {
+    "linear_bias": _EXPERT_BIAS,
+    "linear_mb4": _MICRO_BATCHES,
+    "linear_global": _GLOBAL,
+    "l2r_m4_bias": _EXPERT_BIAS,
+    "l2r_m4_mb4": _MICRO_BATCHES,
+    "l2r_m4_global": _GLOBAL,
 }
 #: The vision preset standing in for each LM router.
 VISION_EQUIVALENT = {
@@ -60,6 +90,9 @@ METRICS = (
     "spectral_norm",
     "stable_rank",
 )
+#: Specialisation metrics of the LM (from the Trainer's evaluation logs; the plays are the domains).
+LM_SPECIALISATION = ("coactivation_top_partner", "vocab_specialisation", "token_expert_mi", "domain_tv")
+LM_METRICS = (*METRICS, *LM_SPECIALISATION)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +171,12 @@ def _lm_flags(spec: LMSpec, router: str, seed: int, output_dir: Path, tokenizer_
         "use_cpu": "true",
         "seed": seed,
     }
+    extra = dict(LM_TRAINING_FLAGS.get(router, {}))
+    if "gradient_accumulation_steps" in extra:  # the same blocks per optimizer step, in micro-batches
+        flags["per_device_train_batch_size"] = max(
+            1, spec.batch_size // int(extra["gradient_accumulation_steps"])
+        )
+    flags.update(extra)
     return [item for key, value in flags.items() for item in (f"--{key}", str(value))]
 
 
@@ -209,7 +248,7 @@ def run_lm(
                     "eval_perplexity": metrics["eval_perplexity"],
                     "eval_loss": metrics["eval_loss"],
                     "train_seconds": metrics["train_wall_seconds"],
-                    **{m: metrics.get(f"eval_router/{m}", float("nan")) for m in METRICS},
+                    **{m: metrics.get(f"eval_router/{m}", float("nan")) for m in LM_METRICS},
                     **_lm_adaptation(spec, run_dir, tokenizer, texts),
                 }
                 lm_runs.append(record)
@@ -225,7 +264,9 @@ def run_lm(
         x_test, y_test = data.split("test")
         for seed in spec.seeds:
             for router in spec.routers:
-                preset = VISION_EQUIVALENT[router]
+                preset = VISION_EQUIVALENT.get(router)
+                if preset is None:  # a balancing variant of the Trainer: no vision counterpart
+                    continue
                 model = build_model(data, spec.vision_depth, preset, spec.vision_settings, seed)
                 train_base(model, data, list(range(10)), spec.vision_settings, seed)
                 quality = routing_quality(model, x_test)
@@ -245,7 +286,7 @@ def run_lm(
     result = {
         **R.result_header("lm", command, start, spec),
         "lm_summary": _summarise(
-            lm_runs, ("router",), ("eval_perplexity", *METRICS, "lm_interference_pp", "lm_new_gain_pp")
+            lm_runs, ("router",), ("eval_perplexity", *LM_METRICS, "lm_interference_pp", "lm_new_gain_pp")
         ),
         "vision_summary": _summarise(vision_runs, ("dataset", "router"), ("test_accuracy", *METRICS)),
         "lm_runs": lm_runs,
@@ -274,7 +315,9 @@ def make_plots(result: dict[str, Any], out_dir: Path, prefix: str) -> list[str]:
             out_dir / plots[-1],
             f"LM expert load per layer (validation plays, seed {spec['seeds'][0]})",
         )
-    vision_labels = {r: ROUTER_LABELS[VISION_EQUIVALENT[r]] for r in spec["routers"]}
+    vision_labels = {
+        r: ROUTER_LABELS[VISION_EQUIVALENT[r]] for r in spec["routers"] if r in VISION_EQUIVALENT
+    }
     for dataset, loads in result["vision_loads"].items():
         plots.append(f"{prefix}lm_vision_load_heatmap_{dataset}.png")
         R.plot_load_heatmaps(
@@ -339,11 +382,13 @@ def render_markdown(result: dict[str, Any]) -> str:
                 f"{e.get('parameters', 0) / 1e6:.3f}M",
                 R.fmt_pm(e["eval_perplexity"], e["eval_perplexity_std"], 1),
                 *_routing_cells(e, dead_digits=1),
+                *(R.fmt(e.get(m, float("nan")), 3) for m in LM_SPECIALISATION),
                 R.fmt_pm(e["lm_interference_pp"], e["lm_interference_pp_std"]),
                 R.fmt_pm(e["lm_new_gain_pp"], e["lm_new_gain_pp_std"]),
             ]
         )
     headers = ["router", "params", "val ppl", "H(load)", "load CV", "flip rate", "query conc.", "expert conc.", "dead",
+               "co-act. partner", "vocab spec.", "MI bits", "domain TV",
                "1-shot interf. pp", "1-shot gain pp"]  # fmt: skip
     lines.append(R.markdown_table(headers, rows))
     budget = spec["adaptation"]
@@ -352,6 +397,17 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"One-shot columns: {spec['adaptation_episodes']} episodes per run, each adapting the top expert per layer "
         f"of one held-out block for {budget['steps']} SGD steps at lr {budget['learning_rate']}; interference = "
         "change of next-token accuracy on 16 training-play blocks, gain = change on 16 other held-out blocks.",
+        "",
+        "Specialisation columns (validation tokens, mean over layers; `hf_moe_routers.metrics.catalog`): co-act. "
+        "partner = mean over experts of the largest P(b | a), (K−1)/(E−1) when uniform; vocab spec. = "
+        "occurrence-weighted share of a token id's occurrences routed to its most frequent expert (top-k slots, "
+        "ids seen ≥ 5 times); MI = I(token id; expert) in bits, Miller–Madow corrected; domain TV = token-weighted "
+        "total-variation distance of each validation play's expert load to the overall load.",
+        "",
+        "Balancing rows: 'expert bias' trains without a balance loss and moves a per-expert selection bias by "
+        "u·sign(mean load − load) after every optimizer step (u = 1e-2); '4 micro-batches' rows take each "
+        "optimizer step's 16 blocks as 4 micro-batches of 4, with the balance loss's load fractions per "
+        "micro-batch or over the whole step (global batch).",
         "",
         f"## Vision counterpart (MoEImageClassifier, depth {spec['vision_depth']}, sparse top-2 of "
         f"{spec['vision_settings']['num_experts']}, all 10 classes, test split)",

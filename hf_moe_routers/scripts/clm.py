@@ -29,6 +29,7 @@ from .common import (
     TOKENIZER_FILES,
     DataArguments,
     RunArguments,
+    bundled_domains,
     lm_datasets,
     load_corpus,
     parse_flags,
@@ -187,7 +188,10 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict[str,
         tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path)
     else:
         tokenizer = data_utils.train_bpe_tokenizer(train_texts, vocab_size=model_args.vocab_size)
-    train_dataset, eval_dataset = lm_datasets(train_texts, eval_texts, tokenizer, data_args)
+    domains = bundled_domains(data_args, training_args)
+    train_dataset, eval_dataset = lm_datasets(
+        train_texts, eval_texts, tokenizer, data_args, eval_domains=domains
+    )
     model = build_model(model_args, tokenizer)
     parameters = sum(p.numel() for p in model.parameters())
     print(

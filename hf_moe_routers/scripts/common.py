@@ -59,6 +59,7 @@ __all__ = [
     "UsageError",
     "run_script",
     "check_checkpoint",
+    "bundled_domains",
     "checkpoint_and_data",
     "checkpoint_tokenizer",
     "default_training_arguments",
@@ -381,9 +382,15 @@ def short_text_message(texts: Sequence[str], which: str, tokenizer: Any, block_s
 
 
 def lm_datasets(
-    train_texts: list[str], eval_texts: list[str], tokenizer: Any, data_args: DataArguments
+    train_texts: list[str],
+    eval_texts: list[str],
+    tokenizer: Any,
+    data_args: DataArguments,
+    *,
+    eval_domains: bool = False,
 ) -> tuple[data_utils.LMBlockDataset, data_utils.LMBlockDataset | None]:
-    """Training and validation token blocks of ``data_args.block_size``, capped as the flags say.
+    """Training and validation token blocks of ``data_args.block_size``, capped as the flags say
+    (``eval_domains``: tag each validation token with its document, see ``build_lm_datasets``).
 
     Raises :class:`UsageError` when the flags do not fit the text (a block longer than the text).
     """
@@ -395,6 +402,7 @@ def lm_datasets(
             data_args.block_size,
             max_train_blocks=data_args.max_train_blocks,
             max_eval_blocks=data_args.max_eval_blocks,
+            eval_domains=eval_domains,
         )
     except ValueError as error:
         # build_lm_datasets names the argument that does not fit: they are all flags of DataArguments.
@@ -462,14 +470,33 @@ def checkpoint_tokenizer(path: str, texts: list[str], vocab_size: int) -> Any:
 
 
 def checkpoint_and_data(
-    patch_args: PatchArguments, data_args: DataArguments
+    patch_args: PatchArguments, data_args: DataArguments, training_args: Any = None
 ) -> tuple[PreTrainedModel, Any, data_utils.LMBlockDataset, data_utils.LMBlockDataset | None]:
     """``(model, tokenizer, train_dataset, eval_dataset)``: the saved checkpoint, its tokenizer (or
-    a byte-level BPE of its vocabulary size) and the corpus of ``data_args`` in token blocks."""
+    a byte-level BPE of its vocabulary size) and the corpus of ``data_args`` in token blocks (the
+    validation plays as domains when ``training_args`` asks, see :func:`bundled_domains`)."""
     model = load_checkpoint(patch_args.model_name_or_path)
     train_texts, eval_texts = load_corpus(data_args)
     tokenizer = checkpoint_tokenizer(patch_args.model_name_or_path, train_texts, model.config.vocab_size)
-    return model, tokenizer, *lm_datasets(train_texts, eval_texts, tokenizer, data_args)
+    domains = training_args is not None and bundled_domains(data_args, training_args)
+    return model, tokenizer, *lm_datasets(train_texts, eval_texts, tokenizer, data_args, eval_domains=domains)
+
+
+def bundled_domains(data_args: DataArguments, training_args: Any) -> bool:
+    """Whether to tag the validation tokens with their play (domain specialisation in the logs).
+
+    Only for the bundled corpus, whose validation documents are named plays, and only when the
+    Trainer logs specialisation; ``router_domain_names`` becomes the plays' titles unless the
+    flags name other domains (then nothing is tagged: the ids would index other names).
+    """
+    if data_args.dataset_path is not None or data_args.train_files:
+        return False
+    if not getattr(training_args, "router_specialisation", False):
+        return False
+    titles = [entry["title"] for entry in data_utils.bundled_corpus_manifest()["splits"]["validation"]]
+    if training_args.router_domain_names is None:
+        training_args.router_domain_names = titles
+    return list(training_args.router_domain_names) == titles
 
 
 # --------------------------------------------------------------------------------------------

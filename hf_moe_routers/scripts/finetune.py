@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> dict[str,
     # Before any tensor work: torch's default counts the machine's CPUs, not this process's.
     threads = configure_torch_threads(run_args.threads).threads
     set_seed(training_args.seed)
-    model, tokenizer, train_dataset, eval_dataset = checkpoint_and_data(patch_args, data_args)
+    model, tokenizer, train_dataset, eval_dataset = checkpoint_and_data(patch_args, data_args, training_args)
     if len(tokenizer) > model.config.vocab_size:
         raise UsageError(
             f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {model.config.vocab_size}."

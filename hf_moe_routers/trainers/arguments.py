@@ -68,6 +68,36 @@ class MoERouterTrainingArguments(TrainingArguments):
     router_log_per_layer: bool = dataclasses.field(
         default=True, metadata={"help": "Log router/<metric>/<layer> besides the mean over layers."}
     )
+    router_specialisation: bool = dataclasses.field(
+        default=True,
+        metadata={
+            "help": "Log the specialisation metrics of each window: co-activation top partner, "
+            "vocabulary specialisation, token-expert mutual information, and domain specialisation when "
+            "the batches carry router_domain_key (hf_moe_routers.metrics.catalog)."
+        },
+    )
+    router_domain_names: list[str] | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Names of the domains that the batches' router_domain_key entries index (e.g. the "
+            "plays of a corpus); with them the Trainer logs domain_tv and domain_kl."
+        },
+    )
+    router_domain_key: str = dataclasses.field(
+        default="domain_ids",
+        metadata={
+            "help": "Batch entry holding each sequence's domain id [B] (or each token's [B, S]; -1 = "
+            "none); kept by remove_unused_columns and taken out before the forward."
+        },
+    )
+    router_saturation_reference: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Log router_saturation at each evaluation: the top-k overlap with the routing of "
+            "'first' (the first evaluation's, on the same batches) or of a saved checkpoint (a path; "
+            "it runs beside the model on every evaluation batch)."
+        },
+    )
     router_plots: bool = dataclasses.field(
         default=True, metadata={"help": "Write routing plots (PNG, TensorBoard images) into output_dir."}
     )
@@ -111,6 +141,14 @@ class MoERouterTrainingArguments(TrainingArguments):
         ):
             raise ValueError(
                 f"router_costly_metrics_interval must be an integer >= 1; got {self.router_costly_metrics_interval!r}."
+            )
+        if self.router_domain_names is not None and len(self.router_domain_names) == 0:
+            raise ValueError("router_domain_names must name at least one domain, or be None.")
+        if not self.router_domain_key:
+            raise ValueError("router_domain_key must be a non-empty batch key; got ''.")
+        if self.router_saturation_reference == "":
+            raise ValueError(
+                "router_saturation_reference must be None, 'first' or the path of a saved checkpoint; got ''."
             )
         if not isinstance(self.router_metrics_max_tokens, int) or self.router_metrics_max_tokens < 2:
             raise ValueError(

@@ -133,9 +133,11 @@ def report_window(
     log_per_layer: bool,
     mode: str,
     step: int,
+    extra: dict[str, list[float]] | None = None,
 ) -> WindowReport:
     """Reduce ``window`` over the processes and turn it into log entries (``costly``: the router
-    metrics, measured after the reduction, when this log includes them)."""
+    metrics, measured after the reduction, when this log includes them; ``extra``: more per-layer
+    values, already reduced, such as the specialisation metrics)."""
     packed = window.pack()
     local = WindowTotals.unpack(packed, window.widths)
     local_sums = {"counts": local.batches_L.clone(), "loads": [v.clone() for v in local.loads]}
@@ -145,6 +147,7 @@ def report_window(
     per_layer = totals.per_layer()
     if costly is not None:
         per_layer.update(costly(window))
+    per_layer.update(extra or {})
     logs: dict[str, float] = {}
     for name, values in per_layer.items():
         logs[f"router/{name}"] = mean_over_layers(values)

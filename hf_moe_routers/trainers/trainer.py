@@ -27,7 +27,11 @@ What it logs, at every logging step and evaluation (``trainers/routing_logs.py``
 loss and, every ``router_costly_metrics_interval`` logs, spectral norm, stable rank, Lipschitz bound
 (the largest per-token bound of the logits' Jacobian norm on the window's inputs — finite for every
 router — and ``lipschitz_bound_global``, the global constant, ``inf`` where none exists), flip rate,
-angular concentration of queries and of expert rows, and drift from the first logged routing.
+angular concentration of queries and of expert rows, and drift from the first logged routing; with
+``router_specialisation`` the specialisation metrics of the window (co-activation, vocabulary
+specialisation, token-expert mutual information, domain specialisation when batches carry domain
+ids, router saturation at evaluations against ``router_saturation_reference``;
+``trainers/specialisation_logs.py``).
 Micro-batch values are averaged over the window and summed across processes before logging (a
 batch that the ranks of a tensor-parallel group share counted once). Under FSDP2 the parameter
 statistics are taken on the gathered, whole router parameters (``gathered_router_parameters``).
@@ -58,6 +62,7 @@ from .losses import (
     z_loss_term,
 )
 from .routing_logs import ProcessSums, costly_metrics, report_window
+from .specialisation_logs import SpecialisationLogs
 from .step_loads import StepLoads
 
 __all__ = ["MoERouterTrainer"]
@@ -74,6 +79,10 @@ _ROUTER_FIELDS = (
     "router_costly_metrics_interval",
     "router_metrics_max_tokens",
     "router_log_per_layer",
+    "router_specialisation",
+    "router_domain_names",
+    "router_domain_key",
+    "router_saturation_reference",
     "router_plots",
 )
 
@@ -100,6 +109,18 @@ class MoERouterTrainer(Trainer):
         self.add_callback(OptimizerStepCallback(self._after_optimizer_step))
         self._windows = {mode: self._new_window() for mode in ("train", "eval")}
         self._log_count = 0
+        self._specialisation = (
+            SpecialisationLogs(
+                self.routers,
+                self.args.device,
+                is_encoder_decoder=bool(self._config().is_encoder_decoder),
+                domain_names=self.args.router_domain_names,
+                domain_key=self.args.router_domain_key,
+                saturation_reference=self.args.router_saturation_reference,
+            )
+            if self.args.router_specialisation
+            else None
+        )
         self._drift_reference: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.routing_history = RoutingHistory()
         self.last_local_window: dict[str, Any] = {}  # this process's sums of the last logged window
@@ -198,6 +219,11 @@ class MoERouterTrainer(Trainer):
         num_items_in_batch: Any = None,
     ):
         mode = "train" if model.training else "eval"
+        domains = None
+        if self._specialisation is not None:
+            inputs, domains = self._specialisation.pop_domains(inputs)
+        elif self.args.router_domain_key in inputs:
+            inputs = {k: v for k, v in inputs.items() if k != self.args.router_domain_key}
         if self.args.router_balance_loss != "model" and hasattr(self._config(), "output_router_logits"):
             # Our balance loss replaces the model's own aux loss; never count it twice.
             inputs = {**inputs, "output_router_logits": False}
@@ -220,6 +246,8 @@ class MoERouterTrainer(Trainer):
                 loss = loss + router_loss.to(loss.dtype)
         if ran:
             self._windows[mode].add(captures, masks)
+            if self._specialisation is not None:
+                self._specialisation.add(mode, inputs, captures, masks, domains)
         if isinstance(outputs, dict) and any(k in outputs for k in ROUTER_OUTPUT_KEYS):
             outputs = type(outputs)(**{k: v for k, v in outputs.items() if k not in ROUTER_OUTPUT_KEYS})
         return (loss, outputs) if return_outputs else loss
@@ -333,10 +361,16 @@ class MoERouterTrainer(Trainer):
             if mode == "train":
                 self._log_count += 1
             costly = mode == "eval" or (self._log_count - 1) % self.args.router_costly_metrics_interval == 0
+            specialisation = (
+                self._specialisation.report(mode, self._sums.distributed)
+                if self._specialisation is not None
+                else {}
+            )
             report = report_window(
                 window,
                 self._sums,
                 self._costly_metrics if costly else None,
+                extra=specialisation,
                 layers=[r.layer for r in self.routers],
                 log_per_layer=self.args.router_log_per_layer,
                 mode=mode,
@@ -351,6 +385,18 @@ class MoERouterTrainer(Trainer):
                 logs.update(self._expert_bias_logs())
             self._windows[mode] = self._new_window()
         super().log(logs, start_time)
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        if self._specialisation is not None:
+            self._specialisation.start_evaluation()  # saturation pairs evaluation batches by position
+        return super().evaluate(*args, **kwargs)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # The domain ids are not a model input, but they must survive remove_unused_columns.
+        super()._set_signature_columns_if_needed()
+        key = self.args.router_domain_key
+        if self._signature_columns is not None and key not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, key]
 
     def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over the processes, each batch counted once (see ``ProcessSums``)."""
