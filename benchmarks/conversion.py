@@ -315,6 +315,27 @@ def load_family(folder: Path, max_eval_blocks: int | None) -> tuple[Any, Any, An
     return model, train.blocks, validation_blocks
 
 
+def rank_limited_perplexity(model: Any, rank: int, blocks: Any) -> float:
+    """Perplexity with every gate replaced by its best rank-``rank`` approximation (truncated SVD).
+
+    A latent router of rank r scores experts through an r-dimensional projection of the input, so
+    it cannot tell apart what the gate separates in the directions it drops: this is the
+    perplexity of the best exact rank-r *linear* scoring, the floor that L2R at rank r is measured
+    against (its bounded scoring adds a second approximation on top).
+    """
+    import copy
+
+    import torch
+
+    limited = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, weight in limited.named_parameters():
+            if name.endswith(".gate.weight") and weight.ndim == 2 and rank < min(weight.shape):
+                u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
+                weight.copy_((u[:, :rank] * s[:rank]) @ vh[:rank])
+    return perplexity(limited, blocks)
+
+
 def run_family(family: str, args: argparse.Namespace, log: Any) -> dict[str, Any]:
     import torch
 
@@ -324,6 +345,12 @@ def run_family(family: str, args: argparse.Namespace, log: Any) -> dict[str, Any
     agreement_blocks = validation_blocks[:AGREEMENT_BLOCKS]
     original_ppl = perplexity(model, validation_blocks)
     log(f"{family}: original validation perplexity {original_ppl:.3f}")
+    ranks = sorted({int(ROUTERS[r]["rank"]) for r in args.routers if "rank" in ROUTERS[r]})
+    rank_limits = {}
+    for rank in ranks:
+        limited = rank_limited_perplexity(model, rank, validation_blocks)
+        rank_limits[str(rank)] = {"perplexity": limited, "perplexity_ratio": limited / original_ppl}
+        log(f"{family}: gates truncated to rank {rank}: ppl {limited:.3f} (x{limited / original_ppl:.4f})")
     rows: list[dict[str, Any]] = []
     for router in args.routers:
         # Patching alone does not look at the calibration tokens (the new router is initialised from
@@ -357,7 +384,13 @@ def run_family(family: str, args: argparse.Namespace, log: Any) -> dict[str, Any
         if args.finetune_steps
         else []
     )
-    return {"family": family, "original_perplexity": original_ppl, "rows": rows, "finetune": finetuned}
+    return {
+        "family": family,
+        "original_perplexity": original_ppl,
+        "rank_limits": rank_limits,
+        "rows": rows,
+        "finetune": finetuned,
+    }
 
 
 def best_within_goal(rows: list[dict[str, Any]], family: str, router: str) -> dict[str, Any] | None:
@@ -504,6 +537,27 @@ def markdown(payload: dict[str, Any]) -> str:
             f"| {g['family']} | {g['router']} | {g['original']:.2f} | {after} | {_setting(g['best_within_goal'])} | "
             f"{_setting(g['best_overall'])} | {g['goal']} | {'yes' if g['goal_met'] else '**no**'} |"
         )
+    limits = [
+        (result["family"], rank, v)
+        for result in payload["results"]
+        for rank, v in result.get("rank_limits", {}).items()
+    ]
+    if limits:
+        lines += [
+            "",
+            "## What a latent rank can reach",
+            "",
+            "Perplexity with each gate replaced by its best rank-r approximation (truncated SVD): the best an "
+            "exact rank-r linear scoring can do, the floor for L2R at rank r (whose bounded scoring is a second "
+            "approximation on top). The gates have as many rows as experts, so a rank at or above that is exact.",
+            "",
+            "| family | rank | perplexity | x original |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {family} | {rank} | {v['perplexity']:.3f} | {v['perplexity_ratio']:.4f} |"
+            for family, rank, v in limits
+        ]
     lines += ["", "## Every setting", ""]
     lines += [
         "| family | router | calibration tokens | distill steps | perplexity | x original | top-1 agr. | top-k agr. | "

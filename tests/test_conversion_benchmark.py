@@ -112,6 +112,27 @@ def test_linear_conversion_is_exact_and_the_table_says_so(conversion, tiny_refer
     assert [r["router"] for r in result["finetune"]] == ["original (unpatched)", "sr_moe_linear", "l2r_r4_m1"]
     table = (out / "conversion.md").read_text()
     assert "| olmoe | sr_moe_linear |" in table and "yes" in table
+    # the distilled exact router stays exact (distill_router keeps the better of start and end)
+    assert rows[("sr_moe_linear", 3)]["perplexity"] == result["original_perplexity"]
+    assert set(result["rank_limits"]) == {"4"} and "What a latent rank can reach" in table
+
+
+def test_rank_limit_truncates_every_gate_to_that_rank(conversion, tiny_reference, monkeypatch):
+    model, _, validation = conversion.load_family(tiny_reference / "olmoe", max_eval_blocks=2)
+    seen = []
+    monkeypatch.setattr(conversion, "perplexity", lambda m, blocks: seen.append(m) or 1.0)
+    conversion.rank_limited_perplexity(model, 3, validation)
+    (limited,) = seen
+    gates = {n: p for n, p in limited.named_parameters() if n.endswith(".gate.weight")}
+    assert gates
+    for name, gate in gates.items():
+        original = model.get_parameter(name).detach()
+        assert torch.linalg.matrix_rank(gate.detach()) == 3
+        # the best rank-3 approximation: the error is the dropped singular values (Eckart-Young)
+        dropped = torch.linalg.svdvals(original)[3:]
+        assert torch.linalg.matrix_norm(gate.detach() - original) == pytest.approx(
+            float(dropped.norm()), rel=1e-4
+        )
 
 
 def test_goal_needs_one_percent_within_the_budget(conversion):
