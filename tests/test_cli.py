@@ -146,6 +146,23 @@ def test_patch_distils_and_saves_exactly_what_the_api_would(text_model, tmp_path
         f"Patched from | `{text_model['model']}`" in card
         and f"{distilled.mean_topk_agreement:.1%} of top-k" in card
     )
+    # routing_metrics.json has the specialisation metrics of the saved routers on the same blocks
+    from hf_moe_routers.reporting.collector import RouterCollector
+
+    collector = RouterCollector(reference.eval())
+    chosen = [[] for _ in collector.routers]
+    with torch.no_grad():
+        for batch in batches:
+            collector.start()
+            reference(**batch)
+            for layer, capture in enumerate(collector.stop()):
+                chosen[layer].append(capture.indices_TK)
+    ids = torch.cat([b["input_ids"].reshape(-1) for b in batches])
+    saved = json.loads((out / "routing_metrics.json").read_text())
+    for info, indices in zip(collector.routers, chosen):
+        counts = M.token_expert_counts(ids, torch.cat(indices), info.num_experts).counts_VE
+        mi = float(M.mutual_information(counts, unit="bits", miller_madow=True))
+        assert saved[f"eval_router/token_expert_mi/{info.layer}"] == pytest.approx(mi, rel=1e-6, abs=1e-9)
 
 
 def test_patch_without_a_tokenizer_calibrates_on_random_ids_and_loads_without_the_package(

@@ -90,14 +90,26 @@ def run_patch(args: argparse.Namespace) -> int:
         f"{blocks.shape[1]} tokens ({tokens:,} tokens) of {source}"
         f"{distilled_text if args.distill_steps > 0 else ''}."
     )
-    layers, per_layer, measured = inspect_metrics(model, batches)
+    domain_names, domain_blocks = None, None
+    if args.text_file is None and tokenizer is not None:  # the bundled held-out plays are the domains
+        domain_names, domain_blocks = bundled_domain_blocks(tokenizer, args.block_size, args.num_blocks)
+        if domain_blocks.shape != blocks.shape:  # pragma: no cover - the same recipe as text_blocks
+            domain_names, domain_blocks = None, None
+    special = _Specialisation(
+        batches, domain_blocks=domain_blocks, domain_names=domain_names, batch_size=args.batch_size
+    )
+    layers, per_layer, measured = inspect_metrics(model, batches, on_batch=special)
     metrics: dict[str, float] = {}
     if layers:
-        from ..reporting import mean_over_layers
+        from ..reporting import mean_over_layers, specialisation_report
 
         for name in inspect_columns():  # inspect's means, in the Trainer's eval_router/ keys
             metrics[f"eval_router/{name}"] = mean_over_layers([per_layer[layer][name] for layer in layers])
             metrics.update({f"eval_router/{name}/{layer}": per_layer[layer][name] for layer in layers})
+        if special.window is not None:  # and the specialisation metrics, as inspect reports them
+            for name, values in specialisation_report(special.window).items():
+                metrics[f"eval_router/{name}"] = mean_over_layers(values)
+                metrics.update({f"eval_router/{name}/{layer}": v for layer, v in zip(special.layers, values)})
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         Path(args.output_dir, "routing_metrics.json").write_text(
             json.dumps(_json_values(metrics), indent=2, sort_keys=True)
