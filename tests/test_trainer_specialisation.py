@@ -202,3 +202,46 @@ def test_domain_ids_without_domain_names_are_refused(tmp_path):
     trainer = make_trainer(routed_model(), tmp_path, router_domain_names=None)
     with pytest.raises(ValueError, match="router_domain_names"):
         trainer.evaluate()
+
+
+def test_trainer_and_inspect_report_the_same_numbers(tmp_path):
+    """One catalog, one computation: on the same single batch, the Trainer's evaluation logs and
+    ``inspect``'s metrics agree for every load, batch and specialisation metric both report."""
+    from hf_moe_routers.cli.commands import _Specialisation, inspect_metrics
+    from hf_moe_routers.metrics.catalog import ROUTING_METRICS
+    from hf_moe_routers.reporting import specialisation_report
+
+    model = routed_model()
+    data = DomainTokens()
+    full = {"input_ids": data.ids, "attention_mask": torch.ones_like(data.ids)}
+    data.mask = torch.ones_like(data.mask)  # inspect has no padding: neither has this evaluation
+    trainer = MoERouterTrainer(
+        model=model,
+        args=MoERouterTrainingArguments(
+            output_dir=str(tmp_path),
+            per_device_eval_batch_size=ROWS,  # one batch, as inspect's pooled capture
+            use_cpu=True,
+            report_to=[],
+            router_plots=False,
+            router_domain_names=None,
+        ),
+        eval_dataset=[{k: v for k, v in data[i].items() if k != "domain_ids"} for i in range(ROWS)],
+    )
+    logs = trainer.evaluate()
+    special = _Specialisation([full], batch_size=ROWS)
+    layers, per_layer, _ = inspect_metrics(model, [full], on_batch=special)
+    for name, values in specialisation_report(special.window).items():
+        for layer, value in zip(special.layers, values):
+            per_layer[layer][name] = value
+    groups = {m.name: m.group for m in ROUTING_METRICS}
+    compared = 0
+    for layer in layers:
+        for name, value in per_layer[layer].items():
+            if (
+                groups.get(name) in ("load", "batch", "specialisation")
+                and f"eval_router/{name}/{layer}" in logs
+            ):
+                got = logs[f"eval_router/{name}/{layer}"]
+                assert got == pytest.approx(value, rel=1e-5, abs=1e-7), (name, layer)
+                compared += 1
+    assert compared >= 2 * 9  # load entropy ... token-expert MI, in both layers
