@@ -659,12 +659,17 @@ class SpecialisationAccumulator:
         ):
             getattr(self, name).add_(getattr(other, name).to(self.device))
 
-    def all_reduce(self, group: object | None = None) -> None:
+    def all_reduce(self, group: object | None = None, replicas: int = 1) -> None:
         """Sum the counts over all processes (no-op when torch.distributed is not initialised).
 
         The dense counts go through one ``all_reduce``; the sparse (token id, expert) table, whose
-        size differs per process, through ``all_gather_object``.
+        size differs per process, through ``all_gather_object``. ``replicas``: how many processes
+        saw each batch (the ranks of a tensor- or expert-parallel group share one); the sums are
+        divided by it, exactly, so each batch counts once (the mutual information's finite-sample
+        correction depends on the count).
         """
+        if not isinstance(replicas, int) or replicas < 1:
+            raise ValueError(f"replicas must be an integer >= 1; got {replicas!r}.")
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
@@ -688,6 +693,10 @@ class SpecialisationAccumulator:
             self._pairs[layer] = _consolidate(keys, counts)
             if self.top_k_L[layer] is None:
                 self.top_k_L[layer] = next((rank[1][layer] for rank in gathered if rank[1][layer]), None)
+        if replicas > 1:  # every count is a sum of `replicas` equal copies: the division is exact
+            for tensor in dense:
+                tensor.copy_(torch.div(tensor, replicas, rounding_mode="floor"))
+            self._pairs = [(k, torch.div(c, replicas, rounding_mode="floor")) for k, c in self._pairs]
 
     def reset(self) -> None:
         """Zero everything (start a new window)."""

@@ -186,14 +186,15 @@ class SpecialisationLogs:
         return collector
 
     # -- per log ----------------------------------------------------------------------------------
-    def report(self, mode: str, distributed: bool) -> dict[str, list[float]]:
-        """The window's specialisation metrics per layer (summed over processes), then a new window.
+    def report(self, mode: str, distributed: bool, replicas: int = 1) -> dict[str, list[float]]:
+        """The window's specialisation metrics per layer (summed over processes, each batch once:
+        ``replicas`` processes share a batch under tensor/expert parallelism), then a new window.
 
         Collective when ``distributed``: every process calls it at the same log.
         """
         window = self.windows[mode]
         if distributed:
-            window.all_reduce()
+            window.all_reduce(replicas=replicas)
         self.windows[mode] = self._new_window()
         if int(window.tokens_L.sum()) == 0:
             return {}

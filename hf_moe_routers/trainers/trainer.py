@@ -362,7 +362,7 @@ class MoERouterTrainer(Trainer):
                 self._log_count += 1
             costly = mode == "eval" or (self._log_count - 1) % self.args.router_costly_metrics_interval == 0
             specialisation = (
-                self._specialisation.report(mode, self._sums.distributed)
+                self._specialisation.report(mode, self._sums.distributed, self._sums.ranks_per_batch())
                 if self._specialisation is not None
                 else {}
             )
