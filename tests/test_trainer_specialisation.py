@@ -245,3 +245,15 @@ def test_trainer_and_inspect_report_the_same_numbers(tmp_path):
                 assert got == pytest.approx(value, rel=1e-5, abs=1e-7), (name, layer)
                 compared += 1
     assert compared >= 2 * 9  # load entropy ... token-expert MI, in both layers
+
+
+def test_each_evaluation_draws_the_coactivation_of_its_routing(tmp_path):
+    model = routed_model()
+    trainer = make_trainer(model, tmp_path, router_plots=True)
+    trainer.evaluate()
+    indices, _, mask, _ = eval_routing(model)
+    drawn = trainer._specialisation.last_coactivation["eval"]
+    for layer, idx_TK in enumerate(indices):
+        expected = M.coactivation(M.coactivation_counts(idx_TK, trainer.routers[layer].num_experts, mask))
+        torch.testing.assert_close(drawn[layer].double(), expected.double(), equal_nan=True)
+    assert (tmp_path / "routing_coactivation_eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -39,12 +39,14 @@ __all__ = [
     "training_results",
 ]
 
-#: Plot files the Trainer's plot callback writes (trainers/plots.py), as (alt text, file name).
+#: Plot files the Trainer writes (its plot callback, trainers/plots.py, and the co-activation heatmap of
+#: each evaluation), as (alt text, file name).
 PLOT_FILES = (
     ("Expert load per layer at evaluation", "routing_load_heatmap_eval.png"),
     ("Expert load per layer during training", "routing_load_heatmap.png"),
     ("Routing metrics over training", "routing_curves.png"),
     ("Routing metrics at evaluations", "routing_curves_eval.png"),
+    ("Expert co-activation P(b | a) at evaluation", "routing_coactivation_eval.png"),
 )
 
 ROUTER_TITLES = {

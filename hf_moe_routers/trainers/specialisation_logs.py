@@ -65,6 +65,8 @@ class SpecialisationLogs:
         self._eval_batch = 0
         self._reference_model: nn.Module | None = None
         self._reference_collector: RouterCollector | None = None
+        #: per mode, the co-activation ``P(b | a)`` ``[L, E, E]`` of the last reported window (CPU)
+        self.last_coactivation: dict[str, torch.Tensor] = {}
 
     def _new_window(self) -> SpecialisationAccumulator:
         return SpecialisationAccumulator(
@@ -198,4 +200,5 @@ class SpecialisationLogs:
         self.windows[mode] = self._new_window()
         if int(window.tokens_L.sum()) == 0:
             return {}
+        self.last_coactivation[mode] = window.coactivation().cpu()
         return specialisation_report(window)

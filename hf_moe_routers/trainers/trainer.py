@@ -39,6 +39,7 @@ statistics are taken on the gathered, whole router parameters (``gathered_router
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,11 @@ from .specialisation_logs import SpecialisationLogs
 from .step_loads import StepLoads
 
 __all__ = ["MoERouterTrainer"]
+
+logger = logging.getLogger(__name__)
+
+#: The expert co-activation heatmap of the last evaluation, next to the other routing plots.
+COACTIVATION_PLOT = "routing_coactivation_eval.png"
 
 # MoERouterTrainingArguments fields given their defaults when the Trainer gets plain TrainingArguments.
 _ROUTER_FIELDS = (
@@ -383,8 +389,25 @@ class MoERouterTrainer(Trainer):
             logs.update({f"{prefix}{k}": v for k, v in report.logs.items()})
             if mode == "train":
                 logs.update(self._expert_bias_logs())
+            elif specialisation:
+                self._plot_coactivation()
             self._windows[mode] = self._new_window()
         super().log(logs, start_time)
+
+    def _plot_coactivation(self) -> None:
+        """Draw the last evaluation's expert co-activation (``routing_coactivation_eval.png``);
+        plots are diagnostics, so a failure is a warning."""
+        probs = self._specialisation.last_coactivation.get("eval") if self._specialisation else None
+        if probs is None or not self.args.router_plots or not self.is_world_process_zero():
+            return
+        try:
+            from ..reporting.plots import plot_coactivation
+
+            plot_coactivation(
+                probs, [r.layer for r in self.routers], path=Path(self.args.output_dir, COACTIVATION_PLOT)
+            )
+        except Exception as error:  # noqa: BLE001 - a plot must never end a run
+            logger.warning("could not draw %s: %s", COACTIVATION_PLOT, error)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         if self._specialisation is not None:
