@@ -753,10 +753,11 @@ def test_template_is_declared_as_package_data():
 
 def test_plot_file_names_match_the_trainer_plots():
     from hf_moe_routers.reporting import plots
+    from hf_moe_routers.trainers.trainer import COACTIVATION_PLOT
 
     expected = {
         plots._file_name(base, split)
         for base in (plots.LOAD_HEATMAP_FILE, plots.CURVES_FILE)
         for split in ("train", "eval")
     }
-    assert {name for _, name in cards.PLOT_FILES} == expected
+    assert {name for _, name in cards.PLOT_FILES} == expected | {COACTIVATION_PLOT}
