@@ -40,6 +40,7 @@ __all__ = [
     "bundled_corpus_manifest",
     "load_text_files",
     "load_texts_from_disk",
+    "token_and_document_blocks",
     "train_bpe_tokenizer",
 ]
 
@@ -343,18 +344,19 @@ def _token_blocks(
     """LongTensor ``[num_blocks, block_size]``: each document's tokens then EOS, concatenated, cut into
     whole blocks (the incomplete tail is dropped); with ``max_blocks``, that many evenly spaced blocks.
     ``argument`` names the texts in error messages."""
-    return _token_and_document_blocks(texts, tokenizer, block_size, max_blocks, argument)[0]
+    return token_and_document_blocks(texts, tokenizer, block_size, max_blocks, argument)[0]
 
 
-def _token_and_document_blocks(
+def token_and_document_blocks(
     texts: Sequence[str],
     tokenizer: PreTrainedTokenizerBase,
     block_size: int,
     max_blocks: int | None,
-    argument: str,
+    argument: str = "texts",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_token_blocks` and, in the same layout, the index in ``texts`` of each token's document
-    (the EOS after a document belongs to it)."""
+    """``(blocks, documents)``: the token blocks ``[N, block_size]`` of :func:`build_lm_datasets`
+    and, in the same layout, the index in ``texts`` of each token's document (the EOS after a
+    document belongs to it). ``argument`` names the texts in error messages."""
     kept = [i for i, doc in enumerate(texts) if doc.strip()]
     if not kept:
         raise ValueError(f"{argument}: no text to build blocks from")
@@ -415,7 +417,7 @@ def build_lm_datasets(
     train = LMBlockDataset(_token_blocks(train_texts, tokenizer, block_size, max_train_blocks, "train_texts"))
     if eval_texts is None:
         return train, None
-    blocks, documents = _token_and_document_blocks(
+    blocks, documents = token_and_document_blocks(
         eval_texts, tokenizer, block_size, max_eval_blocks, "eval_texts"
     )
     return train, LMBlockDataset(blocks, documents if eval_domains else None)

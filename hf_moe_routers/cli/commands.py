@@ -273,29 +273,16 @@ def routed_indices(model: Any, batches: list[dict[str, Any]]) -> tuple[list[str]
 def bundled_domain_blocks(tokenizer: Any, block_size: int, max_blocks: int) -> tuple[list[str], Any]:
     """The play of every token of the default ``inspect`` text: ``(play titles, ids [N, block_size])``.
 
-    The blocks are those ``text_blocks(None, ...)`` builds from the bundled held-out plays (each
-    play's tokens then EOS, concatenated, cut, ``max_blocks`` evenly spaced), with each token
-    replaced by the index of its play in ``titles`` (the EOS after a play belongs to that play).
+    The blocks are those ``text_blocks(None, ...)`` builds from the bundled held-out plays (both
+    come from ``data_utils.token_and_document_blocks``), with each token replaced by the index of
+    its play in ``titles`` (the EOS after a play belongs to that play).
     """
-    import torch
-
     from .. import data_utils
 
-    entries = data_utils.bundled_corpus_manifest()["splits"]["validation"]
+    titles = [entry["title"] for entry in data_utils.bundled_corpus_manifest()["splits"]["validation"]]
     texts = data_utils.bundled_corpus()["validation"]
-    titles, lengths = [], []
-    for entry, text in zip(entries, texts):
-        if not text.strip():
-            continue  # build_lm_datasets skips empty documents too
-        ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)
-        titles.append(entry["title"])
-        lengths.append(len(ids["input_ids"]) + 1)
-    stream = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    num_blocks = stream.numel() // block_size
-    blocks = stream[: num_blocks * block_size].view(num_blocks, block_size)
-    if max_blocks < num_blocks:
-        blocks = blocks[torch.arange(max_blocks) * num_blocks // max_blocks]
-    return titles, blocks
+    _, documents = data_utils.token_and_document_blocks(texts, tokenizer, block_size, max_blocks)
+    return titles, documents
 
 
 def _json_number(value: float) -> float | str:

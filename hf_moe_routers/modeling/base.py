@@ -26,7 +26,7 @@ from transformers import initialization as init
 
 from ..families import FAMILIES, ONE_ELEMENT_PARAMETERS, FamilyAdapter
 from ..routers import RouterConfig, RouterScorer, build_scorer
-from ..routers.base import expert_bias_delta
+from ..routers.base import apply_keeping_float32, expert_bias_delta
 
 __all__ = [
     "CapturedRouting",
@@ -184,16 +184,11 @@ class RoutedRouterMixin:
             self._capture_list.append(indices_TK.detach().reshape(indices_TK.shape[0], -1))
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - torch's signature
-        # ``model.to(torch.bfloat16)`` / ``.half()`` cast every floating buffer; updates of u ~ 1e-3
-        # vanish in bf16 next to a bias of order 1, so an updated expert bias stays float32.
-        name = self.expert_bias_attribute
+        # Updates of u ~ 1e-3 vanish in bf16 next to a bias of order 1: an updated expert bias
+        # stays float32 (DeepSeek-V3's host buffer keeps its own rule when the bias is off).
         updated = "scorer" in self._modules and self.expert_bias_enabled  # type: ignore[attr-defined]
-        before = self._buffers.get(name) if updated else None  # type: ignore[attr-defined]
-        result = super()._apply(fn, recurse)  # type: ignore[misc]
-        after = self._buffers.get(name)  # type: ignore[attr-defined]
-        if before is not None and after is not None and after.dtype != torch.float32:
-            self._buffers[name] = before.to(device=after.device, dtype=torch.float32)  # type: ignore[attr-defined]
-        return result
+        names = (self.expert_bias_attribute,) if updated else ()
+        return apply_keeping_float32(self, names, lambda: super(RoutedRouterMixin, self)._apply(fn, recurse))  # type: ignore[arg-type,misc]
 
     def router_logits(self, x_TH: torch.Tensor) -> torch.Tensor:
         """Scorer logits ``[T, E]`` for router inputs ``x_TH``; refuses NaN/Inf inputs."""
@@ -262,9 +257,10 @@ class SoftmaxTopKRoutedRouter(RoutedRouterMixin):
             # softmax(logits + bias), i.e. the probabilities reweighted by exp(bias)). The weights are
             # the unbiased probabilities at the chosen experts: the op's torch formula, so a zero
             # bias, or a replay of the router's own choice, gives its weights bit for bit.
-            probs_TE = op_logits_TE.float().softmax(dim=-1)
+            scores_TE = op_logits_TE.float()
+            probs_TE = scores_TE.softmax(dim=-1)
             if indices_TK is None:
-                indices_TK = torch.topk(op_logits_TE.float() + bias_E, self.top_k, dim=-1).indices  # type: ignore[attr-defined]
+                indices_TK = torch.topk(scores_TE + bias_E, self.top_k, dim=-1).indices  # type: ignore[attr-defined]
             weights_TK = probs_TE.gather(1, indices_TK)
             if renormalize:
                 weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)

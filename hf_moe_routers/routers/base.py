@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -117,6 +117,27 @@ def _qualified_name(cls: type) -> str:
 
 #: How ``update_expert_bias`` turns a step's expert loads into a bias change (``expert_bias_delta``).
 EXPERT_BIAS_RULES: tuple[str, ...] = ("sign", "proportional")
+
+
+def apply_keeping_float32(
+    module: nn.Module, names: Iterable[str], apply: Callable[[], nn.Module]
+) -> nn.Module:
+    """Run ``apply`` (the module's ``super()._apply(fn)``) and keep the buffers ``names`` float32.
+
+    ``model.to(torch.bfloat16)`` / ``.half()`` cast every floating buffer; a buffer whose value
+    must not be rounded (an expert bias updated by steps of ~1e-3, SR-MoE's bound c) gets its
+    float32 value back, re-taken from before the cast when it was float32 then (casting back would
+    keep the rounding), on the device ``fn`` moved it to.
+    """
+    before = {name: module._buffers.get(name) for name in names}
+    result = apply()
+    for name, old in before.items():
+        new = module._buffers.get(name)
+        if old is None or new is None or new.dtype == torch.float32:
+            continue
+        source = old if old.dtype == torch.float32 else new
+        module._buffers[name] = source.to(device=new.device, dtype=torch.float32)
+    return result
 
 
 def expert_bias_delta(counts_E: torch.Tensor, rate: float, rule: str) -> torch.Tensor:

@@ -31,6 +31,7 @@ from transformers import initialization as init
 from .base import (
     RouterConfig,
     RouterScorer,
+    apply_keeping_float32,
     check_choice,
     check_number,
     full_tensor,
@@ -126,17 +127,9 @@ class SRMoEScorer(RouterScorer):
     _FLOAT32_BUFFERS = ("spectral_bound", "power_u")
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - torch's signature
-        before = {name: self._buffers.get(name) for name in self._FLOAT32_BUFFERS}
-        result = super()._apply(fn, recurse)
-        for name, old in before.items():
-            new = self._buffers.get(name)
-            if old is None or new is None or new.dtype == torch.float32:
-                continue
-            # Re-take the value from before the cast when it was float32: casting back would keep
-            # the rounding.
-            source = old if old.dtype == torch.float32 else new
-            self._buffers[name] = source.to(device=new.device, dtype=torch.float32)
-        return result
+        return apply_keeping_float32(
+            self, self._FLOAT32_BUFFERS, lambda: super(SRMoEScorer, self)._apply(fn, recurse)
+        )
 
     # -- calibration of the buffers -------------------------------------------------------------
     def _configured_bound(self) -> float:

@@ -39,6 +39,7 @@ __all__ = [
     "router_masks",
     "sequence_balance_loss",
     "sequence_rows",
+    "stack_input",
     "z_loss_term",
 ]
 
@@ -59,6 +60,13 @@ ROUTER_OUTPUT_KEYS = (
 _ROW_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "decoder_input_ids", "labels", "pixel_values")
 
 
+def stack_input(info: RouterInfo, inputs: Mapping[str, Any], name: str, is_encoder_decoder: bool) -> Any:
+    """The batch entry ``name`` (``input_ids``, ``attention_mask``) of the tokens ``info`` routes:
+    its ``decoder_`` twin for the decoder routers of an encoder-decoder model."""
+    decoder = is_encoder_decoder and info.stack != "encoder"
+    return inputs.get(f"decoder_{name}" if decoder else name)
+
+
 def router_masks(
     routers: Sequence[RouterInfo],
     inputs: Mapping[str, Any],
@@ -71,12 +79,7 @@ def router_masks(
         if capture is None:
             masks.append(None)
             continue
-        key = (
-            "attention_mask"
-            if info.stack == "encoder" or not is_encoder_decoder
-            else "decoder_attention_mask"
-        )
-        mask = inputs.get(key)
+        mask = stack_input(info, inputs, "attention_mask", is_encoder_decoder)
         if mask is not None and mask.numel() == capture.logits_TE.shape[0]:
             masks.append(mask.reshape(-1).to(device=capture.logits_TE.device, dtype=torch.bool))
         else:

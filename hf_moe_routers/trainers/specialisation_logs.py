@@ -25,6 +25,7 @@ from torch import nn
 from ..metrics import SpecialisationAccumulator
 from ..reporting.collector import RouterCapture, RouterCollector, RouterInfo
 from ..reporting.report import add_specialisation, specialisation_report
+from .losses import stack_input
 
 __all__ = ["SpecialisationLogs"]
 
@@ -115,8 +116,7 @@ class SpecialisationLogs:
     def _token_ids(
         self, info: RouterInfo, inputs: Mapping[str, Any], capture: RouterCapture | None
     ) -> torch.Tensor | None:
-        key = "input_ids" if info.stack == "encoder" or not self.is_encoder_decoder else "decoder_input_ids"
-        ids = inputs.get(key)
+        ids = stack_input(info, inputs, "input_ids", self.is_encoder_decoder)
         if capture is None or not isinstance(ids, torch.Tensor) or ids.numel() != capture.indices_TK.shape[0]:
             return None  # inputs_embeds, or a decoder whose ids the model derives from the labels
         return ids.reshape(-1)
